@@ -103,7 +103,7 @@ def karras_sigmas(steps=35, sigma_min=0.002, sigma_max=80.0, rho=7.0):
         raise ValueError(f"rho must be > 0, got {rho}")
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
+    return ((1 - ramp) * hi + ramp * lo) ** rho   # this form hits both ends exactly
 
 
 def tau_v_at_step(s, steps=35, sigma_min=0.002, sigma_max=80.0, rho=7.0):
