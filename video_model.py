@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 
 import kernels
 
-# Video2World: context frames are fed as (almost) clean, at EDM noise level sigma_c = 1e-4, tau_c = sigma_c / (1 + sigma_c).
+# Video2World feeds the context frames as (almost) clean: EDM noise level sigma_c = 1e-4,
+# tau_c = sigma_c / (1 + sigma_c).
 TAU_CONTEXT = 1e-4 / (1 + 1e-4)
 
 # ----------------------------------------------------------------------------- config
@@ -39,7 +40,7 @@ TAU_CONTEXT = 1e-4 / (1 + 1e-4)
 @dataclass(frozen=True)
 class VideoDiTConfig:
     in_channels: int = 16          # latent channels C; the condition- and padding-mask channels are added inside
-    patch: int = 2                 # spatial patch size p; the temporal patch is 1, so each latent frame keeps its own tau
+    patch: int = 2                 # spatial patch p; the temporal patch is 1, so each latent frame keeps its own tau
     num_heads: int = 16
     head_dim: int = 128
     num_layers: int = 28
@@ -57,7 +58,8 @@ class VideoDiTConfig:
         if not isinstance(self.head_dim, int) or self.head_dim % 2 or self.head_dim < 12:
             raise ValueError(f"VideoDiTConfig.head_dim must be an even integer >= 12 (3D RoPE), got {self.head_dim!r}")
         if len(self.rope_scale) != 3 or min(self.rope_scale) <= 0:
-            raise ValueError(f"VideoDiTConfig.rope_scale must be three positive numbers (t, h, w), got {self.rope_scale!r}")
+            raise ValueError(f"VideoDiTConfig.rope_scale must be three positive numbers (t, h, w), "
+                             f"got {self.rope_scale!r}")
 
     @property
     def width(self):
@@ -323,7 +325,8 @@ class VideoDiT(nn.Module):
         masks = torch.stack([cond_mask.to(dtype), torch.zeros_like(cond_mask, dtype=dtype)], dim=1)   # (B, 2, T)
         x = torch.cat([x.to(dtype), masks[..., None, None].expand(B, 2, T, H, W)], dim=1)
         # patchify: (B, C+2, T, H, W) -> (B, T*H'*W', (C+2)*p*p), features channel-major (c, p_h, p_w)
-        x = x.view(B, C + 2, T, H // p, p, W // p, p).permute(0, 2, 3, 5, 1, 4, 6).reshape(B, T * (H // p) * (W // p), -1)
+        x = x.view(B, C + 2, T, H // p, p, W // p, p).permute(0, 2, 3, 5, 1, 4, 6)
+        x = x.reshape(B, T * (H // p) * (W // p), (C + 2) * p * p)
         h = self.patch_embed(x)
         temb, emb = self.time_embed(tau, dtype)
         silu_emb = F.silu(emb)   # shared by every adaLN-LoRA branch
@@ -384,7 +387,8 @@ class VideoDiT(nn.Module):
             raise ValueError(f"n_cond must be an integer in [0, {T - 1}] (context frames of {T}), got {n_cond!r}")
         if context.ndim != 5 or context.shape[2] < n_cond or context.shape[:2] != x_tau.shape[:2] \
                 or context.shape[3:] != x_tau.shape[3:]:
-            raise ValueError(f"context must be clean latents ({B}, {C}, >= {n_cond}, {H}, {W}), got {tuple(context.shape)}")
+            raise ValueError(f"context must be clean latents ({B}, {C}, >= {n_cond}, {H}, {W}), "
+                             f"got {tuple(context.shape)}")
         tau_v = torch.as_tensor(tau_v, dtype=torch.float32, device=x_tau.device).reshape(-1)
         if tau_v.numel() not in (1, B):
             raise ValueError(f"tau_v must be a float or one value per sample ({B},), got {tau_v.numel()} values")
@@ -428,7 +432,8 @@ class VideoDiT(nn.Module):
         if self.lora_config() is None:
             raise ValueError("this model has no LoRA adapters to save")
         rank, alpha = self.lora_config()
-        adapters = {n: p.detach().contiguous() for n, p in self.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+        adapters = {n: p.detach().contiguous() for n, p in self.named_parameters()
+                    if n.endswith((".lora_A", ".lora_B"))}
         save_file(adapters, str(path), metadata={"lora_rank": str(rank), "lora_alpha": repr(alpha)})
 
     def load_lora(self, path):
@@ -487,6 +492,8 @@ class VideoDiT(nn.Module):
         expected = {ours: tuple(p.shape) for ours, p in model.state_dict().items()}
         _check_names_and_shapes(expected, {n: shape for n, (_, shape, _) in headers.items()}, names, path, cfg)
         dtypes = {d for _, _, d in headers.values()}
+        if not all(d.is_floating_point for d in dtypes):
+            raise ValueError(f"{path}: weights must be floating point, the checkpoint holds {sorted(map(str, dtypes))}")
         if dtype is None and len(dtypes) > 1:
             raise ValueError(f"{path}: the checkpoint mixes dtypes {sorted(map(str, dtypes))}; pass dtype=")
         model.load_state_dict(_load(headers, names, dtype), assign=True)   # the read tensors become the parameters
@@ -552,7 +559,11 @@ def _resolve(source, subfolder="transformer"):
         return path / subfolder if (path / subfolder / "config.json").is_file() else path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
         patterns = [f"{subfolder}/config.json", f"{subfolder}/*.safetensors", f"{subfolder}/*.safetensors.index.json"]
-        return Path(snapshot_download(str(source), allow_patterns=patterns)) / subfolder
+        try:
+            return Path(snapshot_download(str(source), allow_patterns=patterns)) / subfolder
+        except Exception as e:   # offline, unknown repo, no access: say what was tried
+            raise FileNotFoundError(f"{source}: not a local path, and fetching it as a Hugging Face repo id failed: "
+                                    f"{type(e).__name__}: {e}") from e
     raise FileNotFoundError(f"{source}: no such file or folder, and not a Hugging Face repo id (owner/name)")
 
 
@@ -603,7 +614,8 @@ def config_from_diffusers(d, source="config.json"):
                 "img_context_dim_in": None, "controlnet_block_every_n": None}
     for key, value in expected.items():
         if d.get(key, value) != value:
-            raise ValueError(f"{source}: {key} = {d[key]!r} is not supported (Cosmos-Predict2 Video2World has {value!r})")
+            raise ValueError(f"{source}: {key} = {d[key]!r} is not supported "
+                             f"(Cosmos-Predict2 Video2World has {value!r})")
     pt, ph, pw = d["patch_size"]
     if pt != 1 or ph != pw:
         raise ValueError(f"{source}: patch_size {d['patch_size']} is not supported, expected (1, p, p)")
@@ -616,7 +628,9 @@ def config_from_diffusers(d, source="config.json"):
                           rope_scale=tuple(float(r) for r in d["rope_scale"]))
 
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 
 
 def _read_headers(files):
@@ -632,7 +646,7 @@ def _read_headers(files):
                         raise ValueError(f"{name} is in both {headers[name][0]} and {file}")
                     s = f.get_slice(name)
                     if s.get_dtype() not in _DTYPES:
-                        raise ValueError(f"{file}: {name} has dtype {s.get_dtype()}, expected a float type")
+                        raise ValueError(f"{file}: {name} has dtype {s.get_dtype()}, which torch cannot hold")
                     headers[name] = (file, tuple(s.get_shape()), _DTYPES[s.get_dtype()])
         except SafetensorError as e:
             raise ValueError(f"{file}: not a valid safetensors file (truncated, or another format): {e}") from None

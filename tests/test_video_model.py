@@ -87,7 +87,8 @@ def model(folders):
 def to_nvidia_names(state):
     """diffusers names -> NVIDIA's original ones (net. prefix), written from the reference's name table."""
     rules = [(r"^patch_embed\.proj\.", "x_embedder.proj.1."), (r"^time_embed\.t_embedder\.", "t_embedder.1."),
-             (r"^time_embed\.norm\.", "t_embedding_norm."), (r"^norm_out\.linear_(\d)\.", r"final_layer.adaln_modulation.\1."),
+             (r"^time_embed\.norm\.", "t_embedding_norm."),
+             (r"^norm_out\.linear_(\d)\.", r"final_layer.adaln_modulation.\1."),
              (r"^proj_out\.", "final_layer.linear."), (r"^transformer_blocks\.", "blocks."),
              (r"attn1\.to_out\.0\.", "self_attn.output_proj."), (r"attn2\.to_out\.0\.", "cross_attn.output_proj."),
              (r"attn1\.to_([qkv])\.", r"self_attn.\1_proj."), (r"attn2\.to_([qkv])\.", r"cross_attn.\1_proj."),
@@ -143,7 +144,7 @@ def test_parity_nvidia_layout(reference, model, inputs, tmp_path):
     state = to_nvidia_names(reference.state_dict())
     # entries of the original checkpoints that are no weights must be skipped
     state["net.pos_embedder.seq"] = torch.arange(8.0)
-    state["net.accum_video_sample_counter"] = torch.zeros(1)
+    state["net.accum_video_sample_counter"] = torch.zeros(1, dtype=torch.int64)
     state["net.blocks.0.self_attn.output_proj._extra_state"] = torch.zeros(2)
     save_file(state, tmp_path / "model.safetensors")
     nvidia = VideoDiT.from_pretrained(tmp_path / "model.safetensors", config=model.cfg)
@@ -357,7 +358,7 @@ def test_missing_unexpected_and_misshapen_keys(nvidia_file, folders):
     with pytest.raises(ValueError, match=r"1 unexpected keys.*net\.blocks\.0\.self_attn\.q_proj\.bias"):
         VideoDiT.from_pretrained(nvidia_file(lambda s: s.__setitem__("net.blocks.0.self_attn.q_proj.bias",
                                                                      torch.zeros(128))), config=cfg)
-    with pytest.raises(ValueError, match=r"net\.final_layer\.linear\.weight has shape \(64, 100\).*expects \(64, 128\)"):
+    with pytest.raises(ValueError, match=r"final_layer\.linear\.weight has shape \(64, 100\).*expects \(64, 128\)"):
         VideoDiT.from_pretrained(nvidia_file(lambda s: s.__setitem__("net.final_layer.linear.weight",
                                                                      torch.zeros(64, 100))), config=cfg)
 
@@ -428,9 +429,16 @@ def test_pickles_are_refused(reference, tmp_path):
         VideoDiT.from_pretrained(tmp_path / "folder")
 
 
-def test_missing_source(tmp_path):
+def test_missing_source(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not a Hugging Face repo id"):
         VideoDiT.from_pretrained(tmp_path / "nothing" / "here")
+
+    def offline(repo_id, allow_patterns):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(vm, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="fetching it as a Hugging Face repo id failed: ConnectionError"):
+        VideoDiT.from_pretrained("owner/no-such-model")
 
 
 def test_hub_repo_id_fetches_only_the_transformer(folders, inputs, model, tmp_path, monkeypatch):
@@ -519,4 +527,4 @@ def test_tiny_model_learns_video2world():
     with torch.no_grad():
         after = loss(16, torch.Generator().manual_seed(9)).item()
     print(f"tiny Video2World flow loss: {before:.3f} -> {after:.3f}")
-    assert after < 0.5 * before
+    assert after < 0.2 * before
