@@ -654,13 +654,27 @@ def _read_headers(files):
 
 
 def _load(headers, rename, dtype=None):
-    """{rename[name]: tensor} for every name in headers, read one file at a time."""
+    """{rename[name]: tensor} for every name in headers, each read from disk straight into its own memory.
+
+    Not safetensors' get_tensor: recent versions hand out tensors that map the file, which then must never change
+    while the model lives (saving fused weights over it would crash), and older ones copied while the whole
+    file stayed mapped (two copies at the peak). Here each tensor is one allocation filled by one read.
+    """
     state = {}
     for file in dict.fromkeys(file for file, _, _ in headers.values()):
-        with safe_open(file, "pt") as f:
-            for name in f.keys():
-                if name in headers:
-                    state[rename[name]] = f.get_tensor(name).to(dtype or headers[name][2])
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            entries = json.loads(f.read(n))   # already validated by safe_open in _read_headers
+            for name, entry in entries.items():
+                if name not in headers:
+                    continue
+                _, shape, stored = headers[name]
+                begin, end = entry["data_offsets"]   # relative to the end of the header; data is little-endian
+                raw = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(8 + n + begin)
+                if f.readinto(raw.numpy()) != end - begin:
+                    raise ValueError(f"{file}: {name} is cut short")
+                state[rename[name]] = raw.view(stored).reshape(shape).to(dtype or stored)
     return state
 
 
