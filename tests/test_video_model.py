@@ -1,5 +1,6 @@
 """video_model.py against diffusers' CosmosTransformer3DModel (the reference), plus its own contracts:
 early exit, Video2World conditioning, LoRA, loading and every refusal of bad input."""
+import copy
 import json
 import re
 import shutil
@@ -12,11 +13,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
+import diffusers.models.transformers.transformer_cosmos as diffusers_cosmos   # the reference; a test dependency
 import flow
 import video_model as vm
 from video_model import VideoDiT, VideoDiTConfig
 
-diffusers_cosmos = pytest.importorskip("diffusers.models.transformers.transformer_cosmos")
 
 # A small model that still exercises the 3D RoPE split (head dim 64 -> t 24, h 20, w 20) and distinct NTK scales.
 REF_CONFIG = dict(in_channels=17, out_channels=16, num_attention_heads=2, attention_head_dim=64, num_layers=3,
@@ -38,17 +39,18 @@ def one_thread():
 @pytest.fixture(scope="module")
 def reference():
     """A random diffusers model (every weight randomised, norms included), in fp32."""
-    # diffusers resizes its (all-zero) padding mask with torchvision, which the CI does not install
-    if not hasattr(diffusers_cosmos, "transforms"):
-        resize = lambda img, size, interpolation: F.interpolate(img, size=size, mode="nearest")   # noqa: E731
-        diffusers_cosmos.transforms = types.SimpleNamespace(
-            functional=types.SimpleNamespace(resize=resize), InterpolationMode=types.SimpleNamespace(NEAREST=None))
     torch.manual_seed(0)
     ref = diffusers_cosmos.CosmosTransformer3DModel(**REF_CONFIG).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[1] ** 0.5)
-    return ref
+    # diffusers resizes its (all-zero) padding mask with torchvision, which the CI does not install
+    resize = lambda img, size, interpolation: F.interpolate(img, size=size, mode="nearest")   # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(diffusers_cosmos, "transforms", types.SimpleNamespace(
+            functional=types.SimpleNamespace(resize=resize), InterpolationMode=types.SimpleNamespace(NEAREST=None)),
+            raising=False)
+        yield ref
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +207,20 @@ def test_early_exit_is_block_k_of_the_full_forward(model, inputs):
     assert torch.equal(states, seen[1])
 
 
+def test_attention_and_adaln_go_through_kernels(model, inputs, monkeypatch):
+    """The Triton kernels replace kernels.attention / kernels.modulated_layer_norm: every call must go there."""
+    calls = []
+    for name in ("attention", "modulated_layer_norm"):
+        original = getattr(vm.kernels, name)
+        monkeypatch.setattr(vm.kernels, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    with torch.no_grad():
+        model(**inputs)
+    assert calls.count("attention") == 2 * 3   # self- and cross-attention in each of 3 blocks
+    assert calls.count("modulated_layer_norm") == 3 * 3 + 1   # three sub-layers per block, the final layer
+
+
 def test_bf16_checkpoint_stays_bf16(reference, inputs, tmp_path):
-    reference.to(torch.bfloat16).save_pretrained(tmp_path)
-    reference.float()
+    copy.deepcopy(reference).to(torch.bfloat16).save_pretrained(tmp_path)
     model = VideoDiT.from_pretrained(tmp_path)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     fp32 = VideoDiT.from_pretrained(tmp_path, dtype=torch.float32)
