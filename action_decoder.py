@@ -280,17 +280,26 @@ class ActionDecoder(nn.Module):
         return self.velocity(self.video_keys_values(video_states), tau_v, proprio, noisy_actions, tau_a,
                              drop_proprio=drop_proprio)
 
-    def loss(self, video_states, tau_v, proprio, actions, generator=None):
+    def loss(self, video_states, tau_v, proprio, actions, generator=None, *, tau_a=None, eps=None,
+             drop_proprio=None, reduce=True):
         """loss_weight * MSE(v_theta(x_tau_a), eps - x0), x_tau_a = (1 - tau_a) actions + tau_a eps,
         tau_a ~ 0.001 + 0.999 Beta(alpha, beta); in training mode the proprio token is dropped with
-        probability proprio_dropout. generator: a CPU torch.Generator for tau_a, eps and the dropout."""
+        probability proprio_dropout. generator: a CPU torch.Generator for tau_a, eps and the dropout, each drawn
+        unless given (data-parallel training draws them for the whole batch and hands every process its rows).
+        reduce=False: one loss per sample, (B,)."""
         cfg = self.cfg
         B = actions.shape[0]
-        tau_a = flow.sample_tau_action(B, cfg.tau_a_alpha, cfg.tau_a_beta, generator).to(actions.device)
-        eps = torch.randn(actions.shape, generator=generator).to(actions)
-        drop = (torch.rand(B, generator=generator) < cfg.proprio_dropout).to(actions.device) if self.training else None
+        if tau_a is None:
+            tau_a = flow.sample_tau_action(B, cfg.tau_a_alpha, cfg.tau_a_beta, generator)
+        if eps is None:
+            eps = torch.randn(actions.shape, generator=generator)
+        if drop_proprio is None and self.training:
+            drop_proprio = torch.rand(B, generator=generator) < cfg.proprio_dropout
+        tau_a, eps = tau_a.to(actions.device), eps.to(actions)
+        drop = drop_proprio.to(actions.device) if drop_proprio is not None else None
         v = self(video_states, tau_v, proprio, flow.interpolate(actions, eps, tau_a), tau_a, drop_proprio=drop)
-        return cfg.loss_weight * F.mse_loss(v.float(), flow.velocity_target(actions, eps).float())
+        per_sample = (v.float() - flow.velocity_target(actions, eps).float()).pow(2).mean(dim=(1, 2))
+        return cfg.loss_weight * (per_sample.mean() if reduce else per_sample)
 
     @torch.no_grad()
     def sample(self, video_states, tau_v, proprio, steps=10, generator=None):
