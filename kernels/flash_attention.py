@@ -103,7 +103,9 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         # Queries past Lq load as zeros (q, dO, lse, delta), so P^T there is 1 and dS^T 0: they add nothing.
         lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-        pT = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        # Keys past Lk are never stored, but 2^(0 - lse) may overflow there: keep infinities out
+        pT = tl.exp2(tl.where(offs_n[:, None] < Lk, sT, float("-inf")) - lse[None, :])
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
@@ -138,9 +140,9 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load(K, offs_n, stride_kn, Lk, HEAD_DIM, BLOCK_D, UPCAST)
         v = _load(V, offs_n, stride_vn, Lk, HEAD_DIM, BLOCK_D, UPCAST)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
-        # Keys past Lk load as zeros, so 2^(0 - lse) there may overflow; inf * 0 would then poison dQ.
-        p = tl.where(offs_n[None, :] < Lk, p, 0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        # Keys past Lk load as zeros: 2^(0 - lse) may overflow there, and inf * 0 would poison dQ
+        p = tl.exp2(tl.where(offs_n[None, :] < Lk, s, float("-inf")) - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)

@@ -110,15 +110,20 @@ def test_attention_rows_are_independent_across_batches_and_heads():
     assert changed.tolist() == [[False, False], [True, False]]
 
 
-def test_attention_softmax_of_equal_keys_averages_values():
-    # identical keys: every query weights the Lk values equally, whatever the logits' size
+def test_attention_equal_keys_average_the_values_even_far_below_exp_range():
+    # Identical keys get equal weights: O is the mean of the values, dV the mean of dO, dQ zero. The logits here are
+    # about -1e3, so 2^(-lse) overflows fp32, which the backward must never multiply into anything.
     B, H, Lq, Lk, D = 1, 2, 5, 33, 32
-    q = 50 * torch.randn(B, H, Lq, D, device=DEVICE)
-    k = torch.randn(B, H, 1, D, device=DEVICE).expand(B, H, Lk, D)
-    v = torch.randn(B, H, Lk, D, device=DEVICE)
-    with kernels.force("triton"):
-        out = kernels.attention(q, k, v)
+    g = torch.Generator().manual_seed(4)
+    u = torch.randn(B, H, 1, D, generator=g)
+    q = (-100 * (1 + torch.rand(B, H, Lq, 1, generator=g)) * u).to(DEVICE)
+    k = u.expand(B, H, Lk, D).to(DEVICE)
+    v, do = torch.randn(B, H, Lk, D, generator=g).to(DEVICE), torch.randn(B, H, Lq, D, generator=g).to(DEVICE)
+    out, (dq, dk, dv) = run("triton", kernels.attention, (q, k, v), do)
     torch.testing.assert_close(out, v.mean(2, keepdim=True).expand_as(out), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dv, (do.sum(2, keepdim=True) / Lk).expand_as(dv), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dq, torch.zeros_like(dq), rtol=0, atol=1e-5)
+    assert dk.isfinite().all()
 
 
 # --------------------------------------------------------------------------------------------------------- adaLN
