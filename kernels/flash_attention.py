@@ -158,13 +158,25 @@ if INTERPRETED != isinstance(tl.sum, InterpretedFunction):
                       "TRITON_INTERPRET changed in between; set it once, before anything imports triton")
 
 
-def _launch_options(q):
-    """Block sizes and precision shared by the three kernels. Untuned: no GPU was available to tune them."""
-    D = q.shape[-1]
-    # fp32 inputs: tf32 tensor cores only where torch's own fp32 matmuls may use them
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for head dims up to 64 and up to 128. Not tuned (no GPU
+# was available): each compiles for sm_90 without register spills on triton 3.6 and 3.9.
+CONFIGS = {
+    "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+    "dkdv": {64: (64, 64, 4, 3), 128: (32, 64, 8, 2)},
+    "dq": {64: (64, 64, 4, 3), 128: (64, 32, 8, 2)},
+}
+
+
+def _launch(kernel, name, rows, q, args):
+    """Run `kernel` on `args` over (cdiv(rows, its row block), B * H) programs, configured for q's head dim."""
+    B, H, _, D = q.shape
+    BLOCK_M, BLOCK_N, num_warps, num_stages = CONFIGS[name][64 if D <= 64 else 128]
+    grid = (triton.cdiv(rows, BLOCK_N if name == "dkdv" else BLOCK_M), B * H)
+    # fp32 inputs use tf32 tensor cores only where torch's own fp32 matmuls may
     precision = "tf32" if q.dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest" else "ieee"
-    return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
-                PRECISION=precision, num_warps=8 if D >= 128 else 4, num_stages=2 if D >= 128 else 3)
+    kernel[grid](*args, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                 UPCAST=INTERPRETED and q.dtype == torch.bfloat16, PRECISION=precision,
+                 num_warps=num_warps, num_stages=num_stages)
 
 
 def _strides(*tensors):
@@ -177,10 +189,7 @@ def _forward(q, k, v):
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     sm_scale = 1 / math.sqrt(D)
-    BLOCK_M, BLOCK_N = 128, 64
-    _forward_kernel[(triton.cdiv(Lq, BLOCK_M), B * H)](
-        q, k, v, o, lse, *_strides(q, k, v), H, Lq, Lk, sm_scale * LOG2E,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_launch_options(q))
+    _launch(_forward_kernel, "forward", Lq, q, (q, k, v, o, lse, *_strides(q, k, v), H, Lq, Lk, sm_scale * LOG2E))
     return o, lse
 
 
@@ -194,11 +203,8 @@ def _backward(q, k, v, o, lse, do):
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     sm_scale = 1 / math.sqrt(D)
     args = (*_strides(q, k, v), H, Lq, Lk, sm_scale * LOG2E, sm_scale)
-    BLOCK_M, BLOCK_N = 64, 64
-    _backward_dkdv_kernel[(triton.cdiv(Lk, BLOCK_N), B * H)](
-        q, k, v, do, lse, delta, dk, dv, *args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_launch_options(q))
-    _backward_dq_kernel[(triton.cdiv(Lq, BLOCK_M), B * H)](
-        q, k, v, do, lse, delta, dq, *args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_launch_options(q))
+    _launch(_backward_dkdv_kernel, "dkdv", Lk, q, (q, k, v, do, lse, delta, dk, dv, *args))
+    _launch(_backward_dq_kernel, "dq", Lq, q, (q, k, v, do, lse, delta, dq, *args))
     return dq, dk, dv
 
 
@@ -219,7 +225,7 @@ def attention(q, k, v):
     D = q.shape[-1]
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"the Triton attention takes float32, float16 or bfloat16, got {q.dtype}")
-    if D > 256:
-        raise ValueError(f"the Triton attention takes head dims up to 256, got {D}")
+    if D > 128:
+        raise ValueError(f"the Triton attention takes head dims up to 128, got {D}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return FlashAttention.apply(q, k, v)
