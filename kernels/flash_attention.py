@@ -3,7 +3,8 @@
 Forward (FlashAttention-2 loop order). A program owns BLOCK_M query rows of one (batch, head) and streams over the
 keys in blocks of BLOCK_N, keeping in fp32 a running row max m, a running row sum l and an unnormalized output acc
 (online softmax). It works in base 2, since exp2 is the GPU's native exponential: with s = (q . k) * sm_scale * log2(e),
-    softmax_j(q . k_j * sm_scale) = 2^(s_j - m) / l,   and a new block with a larger max m' rescales l and acc by 2^(m - m').
+    softmax_j(q . k_j * sm_scale) = 2^(s_j - m) / l,
+and a new block that raises the max from m to m' rescales l and acc by 2^(m - m').
 Per query row it stores lse = m + log2(l), all the backward needs to recompute P = 2^(s - lse).
 
 Backward, with dO the gradient of O and delta = rowsum(O * dO):
@@ -11,8 +12,8 @@ Backward, with dO the gradient of O and delta = rowsum(O * dO):
 One kernel sweeps all queries for a block of keys (dK, dV), another all keys for a block of queries (dQ): no atomics,
 so the result is deterministic.
 
-Layouts: q, k, v may be any strided (B, H, L, D) views with a unit stride over D (e.g. a transposed (B, L, H, D)
-projection); o, lse and all gradients are allocated contiguous here.
+Layouts: q, k, v may be strided (B, H, L, D) views, e.g. a transposed (B, L, H, D) projection, read in place if their
+stride over D is 1; o, lse and all gradients are allocated contiguous here.
 """
 import math
 

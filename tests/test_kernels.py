@@ -3,6 +3,7 @@
 Tolerance (flash-attn's rule): the kernel may be at most twice as far from the float64 reference as torch computing
 in the same dtype, plus atol:  max|kernel - ref| <= 2 max|torch_same_dtype - ref| + atol.
 """
+import json
 import math
 import os
 import subprocess
@@ -167,13 +168,92 @@ def test_modulated_layer_norm_zero_modulation_is_plain_layer_norm():
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (40,), eps=1e-6), rtol=1e-5, atol=1e-5)
 
 
+# --------------------------------------------------------------------------------------------------- video model
+
+def test_video_model_is_the_same_with_the_triton_path():
+    # every attention (self and cross, Lq != Lk) and adaLN call of a small Cosmos DiT, forward and backward
+    from video_model import VideoDiT, VideoDiTConfig
+    torch.manual_seed(0)
+    model = VideoDiT(VideoDiTConfig(in_channels=4, num_heads=2, head_dim=32, num_layers=2, text_dim=16,
+                                    adaln_lora_dim=8)).to(DEVICE)
+    with torch.no_grad():  # random weights everywhere: the zero-initialised modulations would hide the adaLN terms
+        for p in model.parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[1] ** 0.5)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 3, 4, 6, generator=g).to(DEVICE)  # (B, C, T, H, W): 3 latent frames of 2 x 3 patches
+    tau, text = torch.rand(2, 3, generator=g).to(DEVICE), torch.randn(2, 5, 16, generator=g).to(DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        model.zero_grad()
+        with kernels.force(backend):
+            v = model(x, tau, text)
+            v.square().mean().backward()
+        results[backend] = v.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (v_torch, grads_torch), (v_triton, grads_triton) = results["torch"], results["triton"]
+    torch.testing.assert_close(v_triton, v_torch, rtol=1e-4, atol=1e-4)
+    for name, g_torch in grads_torch.items():
+        torch.testing.assert_close(grads_triton[name], g_torch, rtol=1e-3, atol=1e-4, msg=f"gradient of {name}")
+
+
+# ------------------------------------------------------------------------------------------------ GPU compiler
+
+H100_SHARED_MEMORY = 227 * 1024  # bytes one program may use on sm_90
+
+
+def compile_for_h100():
+    """Compile every kernel, as the GPU path launches it in bf16, with triton's NVIDIA backend for sm_90 (no GPU
+    needed). Returns {kernel and head dim: shared memory in bytes}. Needs triton imported without the interpreter."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import adaln, flash_attention as fa
+
+    def compile_kernel(kernel, constexprs, num_warps, num_stages):
+        fp32 = {"LSE", "DELTA", "MEAN", "RSTD", "DSHIFT", "DSCALE"}
+        bf16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "X", "SHIFT", "SCALE", "Y", "DY", "DX"}
+        types = {name: "constexpr" if name in constexprs else "*fp32" if name in fp32 else "*bf16" if name in bf16
+                 else "fp32" if name in ("qk_scale", "sm_scale", "eps") else "i32" for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, types, constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+        return compiled.metadata.shared
+
+    shared = {}
+    attention_kernels = {"forward": fa._forward_kernel, "dkdv": fa._backward_dkdv_kernel, "dq": fa._backward_dq_kernel}
+    for D in (32, 64, 128):
+        for name, kernel in attention_kernels.items():
+            BLOCK_M, BLOCK_N, num_warps, num_stages = fa.CONFIGS[name][64 if D <= 64 else 128]
+            constexprs = dict(HEAD_DIM=D, BLOCK_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, UPCAST=False, PRECISION="tf32")
+            shared[f"attention {name} D={D}"] = compile_kernel(kernel, constexprs, num_warps, num_stages)
+    for G, D in ((1200, 2048), (1, 1024)):  # video frames; one token per group (the action decoder)
+        options = adaln._launch_options(G, D)
+        num_warps = options.pop("num_warps")
+        for name, kernel in (("forward", adaln._forward_kernel), ("backward", adaln._backward_kernel)):
+            shared[f"adaln {name} D={D}"] = compile_kernel(kernel, options, num_warps, 1)
+    return shared
+
+
+def test_kernels_compile_for_the_h100():
+    # CI never runs triton's GPU compiler (the interpreter skips it): run it here, in a process without the interpreter
+    code = "import json, test_kernels; print(json.dumps(test_kernels.compile_for_h100()))"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": REPO}
+    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(REPO, "tests"), env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shared = json.loads(result.stdout.splitlines()[-1])
+    assert len(shared) == 13
+    too_big = {name: size for name, size in shared.items() if size > H100_SHARED_MEMORY}
+    assert not too_big, f"kernels needing more shared memory than an H100 has: {too_big}"
+
+
 # ------------------------------------------------------------------------------------------------------ dispatch
 
 def test_cpu_tensors_take_torch_without_importing_triton():
     # TRITON_INTERPRET=1 (as tests/conftest.py sets it) selects the interpreter but must not route CPU tensors to it
     code = ("import sys, torch, kernels\n"
             "q = torch.randn(1, 2, 3, 8)\n"
-            "assert torch.equal(kernels.attention(q, q, q), torch.nn.functional.scaled_dot_product_attention(q, q, q))\n"
+            "sdpa = torch.nn.functional.scaled_dot_product_attention\n"
+            "assert torch.equal(kernels.attention(q, q, q), sdpa(q, q, q))\n"
             "kernels.modulated_layer_norm(torch.randn(1, 4, 8), torch.zeros(1, 2, 8), torch.zeros(1, 2, 8))\n"
             "assert 'triton' not in sys.modules, 'importing and calling kernels on CPU imported triton'\n")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
