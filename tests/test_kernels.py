@@ -63,11 +63,12 @@ def check_attention(B, H, Lq, Lk, D, dtype, seed=0, transposed=False, backward=T
     do = do if backward else None
     out, grads = run("triton", kernels.attention, (q, k, v), do)
     out_torch, grads_torch = run("torch", kernels.attention, (q, k, v), do)
-    out_ref, grads_ref = run("torch", attention_float64, (q, k, v), None if do is None else do.double())
+    out_ref, grads_ref = run("torch", attention_float64, [t.double() for t in (q, k, v)],
+                             None if do is None else do.double())
     assert out.shape == (B, H, Lq, D) and out.dtype == dtype
     assert_as_close_as_torch("O", out, out_torch, out_ref, dtype)
     for name, g, g_torch, g_ref in zip(("dQ", "dK", "dV"), grads, grads_torch, grads_ref):
-        assert g.shape == g_ref.shape and g.dtype == dtype
+        assert g.shape == g_ref.shape and g.dtype == dtype and g_ref.dtype == torch.float64
         assert_as_close_as_torch(name, g, g_torch, g_ref, dtype)
 
 
@@ -152,11 +153,12 @@ def test_modulated_layer_norm_forward_and_gradients(B, L, D, T, dtype):
     dy = torch.randn(B, L, D, generator=g).to(dtype).to(DEVICE)
     out, grads = run("triton", kernels.modulated_layer_norm, (x, shift, scale), dy)
     out_torch, grads_torch = run("torch", kernels.modulated_layer_norm, (x, shift, scale), dy)
-    out_ref, grads_ref = run("torch", modulated_layer_norm_float64, (x, shift, scale), dy.double())
+    out_ref, grads_ref = run("torch", modulated_layer_norm_float64, [t.double() for t in (x, shift, scale)],
+                             dy.double())
     assert out.dtype == dtype
     assert_as_close_as_torch("y", out, out_torch, out_ref, dtype)
     for name, g, g_torch, g_ref in zip(("dx", "dshift", "dscale"), grads, grads_torch, grads_ref):
-        assert g.shape == g_ref.shape and g.dtype == dtype
+        assert g.shape == g_ref.shape and g.dtype == dtype and g_ref.dtype == torch.float64
         assert_as_close_as_torch(name, g, g_torch, g_ref, dtype)
 
 
