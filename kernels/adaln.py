@@ -1,7 +1,7 @@
 """Fused adaLN modulation in Triton: y = LN(x) * (1 + scale) + shift, LayerNorm without affine weights.
 
-torch spends a full read and write of x on each of layer_norm, the multiply and the add; this kernel reads x once and
-writes y once, in fp32 inside.
+The torch expression reads and writes a tensor the size of x for each of its operations (upcast, layer_norm, multiply,
+add, downcast); this kernel reads x once and writes y once, computing in fp32.
 
 x (B, L, D) holds T groups of G = L / T consecutive tokens (a latent frame's tokens in the video model, one token each
 in the action decoder); shift and scale (B, T, D) hold one row per group. Seen as a (B * L, D) matrix, group
@@ -75,6 +75,7 @@ def _backward_kernel(X, SCALE, DY, MEAN, RSTD, DX, DSHIFT, DSCALE,
 
 def _launch_options(G, D):
     """Tile sizes: BLOCK_R rows of BLOCK_D columns (about 4096 fp32 values) at a time, ROWS rows per program."""
+    G = max(G, 1)  # no tokens: no programs run, but the sizes must still be valid
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_R = min(triton.next_power_of_2(G), max(1, 4096 // BLOCK_D))
     ROWS = max(BLOCK_R, min(64, triton.next_power_of_2(G)))

@@ -181,6 +181,7 @@ def _launch(kernel, name, rows, q, args):
 
 
 def _strides(*tensors):
+    """The (batch, head, row) strides of each (B, H, L, D) tensor; the stride over D is 1."""
     return [s for t in tensors for s in t.stride()[:3]]
 
 

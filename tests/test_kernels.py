@@ -170,6 +170,18 @@ def test_modulated_layer_norm_zero_modulation_is_plain_layer_norm():
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (40,), eps=1e-6), rtol=1e-5, atol=1e-5)
 
 
+def test_empty_inputs_give_empty_outputs_and_zero_gradients():
+    q, k, v = (torch.randn(2, 2, L, 32, device=DEVICE, requires_grad=True) for L in (0, 5, 5))
+    x = torch.randn(2, 0, 16, device=DEVICE, requires_grad=True)
+    shift, scale = (torch.randn(2, 3, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    with kernels.force("triton"):
+        out, y = kernels.attention(q, k, v), kernels.modulated_layer_norm(x, shift, scale)
+    assert out.shape == (2, 2, 0, 32) and y.shape == (2, 0, 16)
+    (out.sum() + y.sum()).backward()
+    for t in (k, v, shift, scale):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
 # --------------------------------------------------------------------------------------------------- video model
 
 def test_video_model_is_the_same_with_the_triton_path():
