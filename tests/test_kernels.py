@@ -250,7 +250,8 @@ def compile_for_h100():
 def test_kernels_compile_for_the_h100():
     # CI never runs triton's GPU compiler (the interpreter skips it): run it here, in a process without the interpreter
     code = "import json, test_kernels; print(json.dumps(test_kernels.compile_for_h100()))"
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": REPO}
+    path = os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
     result = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(REPO, "tests"), env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
