@@ -182,31 +182,54 @@ def test_empty_inputs_give_empty_outputs_and_zero_gradients():
         assert torch.equal(t.grad, torch.zeros_like(t))
 
 
-# --------------------------------------------------------------------------------------------------- video model
+# ----------------------------------------------------------------------------------------------- the two models
 
-def test_video_model_is_the_same_with_the_triton_path():
-    # every attention (self and cross, Lq != Lk) and adaLN call of a small Cosmos DiT, forward and backward
-    from video_model import VideoDiT, VideoDiTConfig
+def randomize(model):
+    """Random weights everywhere: the zero-initialised (adaLN-Zero) layers would hide the modulation terms."""
     torch.manual_seed(0)
-    model = VideoDiT(VideoDiTConfig(in_channels=4, num_heads=2, head_dim=32, num_layers=2, text_dim=16,
-                                    adaln_lora_dim=8)).to(DEVICE)
-    with torch.no_grad():  # random weights everywhere: the zero-initialised modulations would hide the adaLN terms
+    with torch.no_grad():
         for p in model.parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[1] ** 0.5)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 3, 4, 6, generator=g).to(DEVICE)  # (B, C, T, H, W): 3 latent frames of 2 x 3 patches
-    tau, text = torch.rand(2, 3, generator=g).to(DEVICE), torch.randn(2, 5, 16, generator=g).to(DEVICE)
+            p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model.to(DEVICE)
+
+
+def assert_same_with_triton(model, inputs):
+    """The model's output and every parameter's gradient are the same with the Triton kernels as with torch."""
     results = {}
     for backend in ("torch", "triton"):
         model.zero_grad()
         with kernels.force(backend):
-            v = model(x, tau, text)
-            v.square().mean().backward()
-        results[backend] = v.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    (v_torch, grads_torch), (v_triton, grads_triton) = results["torch"], results["triton"]
-    torch.testing.assert_close(v_triton, v_torch, rtol=1e-4, atol=1e-4)
+            out = model(*inputs)
+            out.square().mean().backward()
+        results[backend] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (out_torch, grads_torch), (out_triton, grads_triton) = results["torch"], results["triton"]
+    torch.testing.assert_close(out_triton, out_torch, rtol=1e-4, atol=1e-4)
+    assert grads_triton.keys() == grads_torch.keys()
     for name, g_torch in grads_torch.items():
         torch.testing.assert_close(grads_triton[name], g_torch, rtol=1e-3, atol=1e-4, msg=f"gradient of {name}")
+
+
+def test_video_model_is_the_same_with_the_triton_path():
+    # every attention (self and cross to text, Lq != Lk) and adaLN (one row per latent frame) of a small Cosmos DiT
+    from video_model import VideoDiT, VideoDiTConfig
+    model = randomize(VideoDiT(VideoDiTConfig(in_channels=4, num_heads=2, head_dim=32, num_layers=2, text_dim=16,
+                                              adaln_lora_dim=8)))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 3, 4, 6, generator=g)  # (B, C, T, H, W): 3 latent frames of 2 x 3 patches
+    tau, text = torch.rand(2, 3, generator=g), torch.randn(2, 5, 16, generator=g)
+    assert_same_with_triton(model, [t.to(DEVICE) for t in (x, tau, text)])
+
+
+def test_action_decoder_is_the_same_with_the_triton_path():
+    # cross-attention of 1 + H_a tokens to the video states, self-attention, adaLN with one row per token
+    from action_decoder import ActionDecoder, preset
+    cfg = preset("tiny", H_a=6, action_dim=4, proprio_dim=5, video_dim=32, width=64, depth=2, heads=2, rank=16,
+                 adaln_lora=8)
+    model = randomize(ActionDecoder(cfg))
+    g = torch.Generator().manual_seed(1)
+    video, proprio = torch.randn(2, 40, 32, generator=g), torch.randn(2, 5, generator=g)
+    actions, tau_v, tau_a = torch.randn(2, 6, 4, generator=g), torch.rand(2, generator=g), torch.rand(2, generator=g)
+    assert_same_with_triton(model, [t.to(DEVICE) for t in (video, tau_v, proprio, actions, tau_a)])
 
 
 # ------------------------------------------------------------------------------------------------ GPU compiler
