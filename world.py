@@ -15,7 +15,7 @@ Mechanics, one control step with action a = (dx, dy, g):
     g <= 0 while closed opens it: the held block is put down, on top of any block it overlaps (stacking)
 
 Observations: {"frame": (S, S, 3) uint8, "proprio": (x, y, +1 closed / -1 open) float32, "instruction": str}.
-Everything a policy sees or emits lives in [-1, 1], so datasets need no further normalisation.
+Proprio and actions both live in [-1, 1]: a model needs no further normalisation.
 """
 import argparse
 import copy
@@ -37,6 +37,8 @@ BLOCK_RGB = np.array([[230, 40, 40], [40, 200, 60], [50, 100, 255]], dtype=np.fl
 PAD_RGB = np.array([235, 205, 40], dtype=np.float32)
 TABLE_RGB = np.array([70, 70, 70], dtype=np.float32)
 GRIPPER_RGB = np.array([255, 255, 255], dtype=np.float32)
+OPEN_GRIPPER = (0.19, 0.125)    # outer and inner half side of the hollow square drawn for an open gripper
+CLOSED_GRIPPER = 0.1            # half side of the solid square drawn for a closed one
 
 EVAL_SEED_BASE = 2**31   # evaluation scenes use seeds from here on; generated datasets draw theirs below it
 
@@ -52,10 +54,7 @@ class WorldConfig:
     grasp_radius: float = 0.1     # closing within this distance of a block's centre grasps it
     pusher_radius: float = 0.08   # a closed, empty gripper touches blocks within block_half + pusher_radius
     edge_x: float = -0.7          # "the left edge": a block centre at x <= edge_x
-
-    @property
-    def gripper_limit(self):
-        return 0.9
+    gripper_limit: float = 0.9    # the gripper's centre stays within [-0.9, 0.9]^2, so it stays in view
 
     @property
     def block_limit(self):
@@ -249,10 +248,11 @@ def render(world):
     for i in np.argsort(height, kind="stable"):
         square(world.blocks[i], cfg.block_half * (1.25 if i == world.held else 1), BLOCK_RGB[i])
     if world.closed:
-        square(world.gripper, 0.1, GRIPPER_RGB)
+        square(world.gripper, CLOSED_GRIPPER, GRIPPER_RGB)
     else:
-        row, col, h, box = _pixels(world.gripper, 0.19, s)
-        paint(box, _square(row, col, h, box) - _square(row, col, h * 0.125 / 0.19, box), GRIPPER_RGB)
+        outer, inner = OPEN_GRIPPER
+        row, col, h, box = _pixels(world.gripper, outer, s)
+        paint(box, _square(row, col, h, box) - _square(row, col, h * inner / outer, box), GRIPPER_RGB)
     return np.round(img).astype(np.uint8)
 
 
