@@ -10,7 +10,8 @@ row 0. Blocks are squares of side 2 * block_half; the yellow pad a square of sid
 Mechanics, one control step with action a = (dx, dy, g):
     p <- clip(p + max_step * clip((dx, dy), -1, 1))          the gripper moves towards its relative target
     a held block moves with p (rigidly, at its grasp offset); it is lifted, so it touches nothing
-    a closed, empty gripper is lowered onto the table: it shoves every block it overlaps radially out of contact
+    a closed, empty gripper is lowered onto the table, a square pusher: moving, it shoves every block it overlaps
+        out of contact (a gripper that closes beside a block and opens again on the spot leaves it where it is)
     g > 0 while open closes it: it grasps the topmost block within grasp_radius of p, if any
     g <= 0 while closed opens it: the held block is put down, on top of any block it overlaps (stacking)
 
@@ -38,7 +39,6 @@ PAD_RGB = np.array([235, 205, 40], dtype=np.float32)
 TABLE_RGB = np.array([70, 70, 70], dtype=np.float32)
 GRIPPER_RGB = np.array([255, 255, 255], dtype=np.float32)
 OPEN_GRIPPER = (0.19, 0.125)    # outer and inner half side of the hollow square drawn for an open gripper
-CLOSED_GRIPPER = 0.1            # half side of the solid square drawn for a closed one
 
 EVAL_SEED_BASE = 2**31   # evaluation scenes use seeds from here on; generated datasets draw theirs below it
 
@@ -51,8 +51,8 @@ class WorldConfig:
     control_hz: float = 10.0      # nominal rate, recorded in datasets
     block_half: float = 0.125     # blocks are 0.25 wide: 4 px at 32 px
     pad_half: float = 0.25
-    grasp_radius: float = 0.1     # closing within this distance of a block's centre grasps it
-    pusher_radius: float = 0.08   # a closed, empty gripper touches blocks within block_half + pusher_radius
+    grasp_radius: float = 0.15    # closing within this distance of a block's centre (about over it) grasps it
+    pusher_half: float = 0.1      # a closed gripper is a square pusher of this half side (and is drawn so)
     edge_x: float = -0.7          # "the left edge": a block centre at x <= edge_x
     gripper_limit: float = 0.9    # the gripper's centre stays within [-0.9, 0.9]^2, so it stays in view
 
@@ -127,7 +127,7 @@ class World:
         self.gripper = np.clip(self.gripper + cfg.max_step * a[:2], -cfg.gripper_limit, cfg.gripper_limit)
         if self.held >= 0:
             self.blocks[self.held] = np.clip(self.gripper + self.offset, -cfg.block_limit, cfg.block_limit)
-        elif self.closed:
+        elif self.closed and a[:2].any():
             self._shove(a[:2])
         close = a[2] > 0
         if close and not self.closed:
@@ -164,14 +164,17 @@ class World:
         return render(self)
 
     def _shove(self, motion):
-        reach = self.cfg.block_half + self.cfg.pusher_radius
+        """Square pusher against square blocks: an overlapped block is pushed out along the axis it overlaps
+        least (the shortest way out), so a block pushed flat-on moves straight, even if a little off-centre."""
+        reach = self.cfg.block_half + self.cfg.pusher_half
         for i, b in enumerate(self.blocks):
             d = b - self.gripper
-            dist = np.linalg.norm(d)
-            if dist < reach:
-                direction = d / dist if dist > 1e-9 else motion / max(np.linalg.norm(motion), 1e-9)
-                self.blocks[i] = np.clip(self.gripper + reach * direction, -self.cfg.block_limit,
-                                         self.cfg.block_limit)
+            overlap = reach - np.abs(d)
+            if (overlap > 0).all():
+                axis = int(np.argmin(overlap))
+                side = np.sign(d[axis]) if d[axis] != 0 else np.sign(motion[axis])
+                self.blocks[i, axis] = np.clip(self.gripper[axis] + side * reach, -self.cfg.block_limit,
+                                               self.cfg.block_limit)
 
     def _grasp(self):
         dist = np.linalg.norm(self.blocks - self.gripper, axis=1)
@@ -197,15 +200,23 @@ class World:
 
 
 def _sample_scene(rng, cfg):
-    """Pad and block centres, redrawn until nothing overlaps and no task is solved at the start. Blocks start right
-    of x = -0.35 (so "push to the left edge" has a way to go) and left of x = 0.6 (room behind them to push)."""
+    """Pad and block centres, redrawn until the blocks are apart, none is on the pad, and no task is solved at
+    the start: blocks start right of x = -0.35 (so "push to the left edge" has a way to go) and left of x = 0.6,
+    and no block lies where another is pushed from (just right of it), so each one can be pushed."""
     while True:
         pad = rng.uniform(-0.7, 0.7, 2)
         blocks = np.stack([rng.uniform(-0.35, 0.6, len(COLORS)), rng.uniform(-0.75, 0.75, len(COLORS))], axis=1)
-        apart = min(np.abs(blocks[i] - blocks[j]).max() for i in range(3) for j in range(i))
+        pairs = [(i, j) for i in range(len(COLORS)) for j in range(len(COLORS)) if i != j]
+        apart = min(np.abs(blocks[i] - blocks[j]).max() for i, j in pairs)
+        behind = min(np.linalg.norm(blocks[i] + [push_start(cfg), 0] - blocks[j]) for i, j in pairs)
         off_pad = np.abs(blocks - pad).max(axis=1).min()
-        if apart >= 0.4 and off_pad >= cfg.pad_half + cfg.block_half + 0.05:
+        if apart >= 0.4 and behind > cfg.grasp_radius + 0.05 and off_pad >= cfg.pad_half + cfg.block_half + 0.05:
             return pad, blocks
+
+
+def push_start(cfg):
+    """How far right of a block the gripper closes to push it left: just out of contact."""
+    return cfg.block_half + cfg.pusher_half + 0.05
 
 # ----------------------------------------------------------------------------- rendering
 
@@ -248,7 +259,7 @@ def render(world):
     for i in np.argsort(height, kind="stable"):
         square(world.blocks[i], cfg.block_half * (1.25 if i == world.held else 1), BLOCK_RGB[i])
     if world.closed:
-        square(world.gripper, CLOSED_GRIPPER, GRIPPER_RGB)
+        square(world.gripper, cfg.pusher_half, GRIPPER_RGB)
     else:
         outer, inner = OPEN_GRIPPER
         row, col, h, box = _pixels(world.gripper, outer, s)
@@ -266,11 +277,15 @@ class Expert:
     and, for every leg of the motion, possibly a via-point off the straight line; far from a target the motion gets
     a little noise. Near a target it is exact, so it grasps and places precisely.
     """
+    SPEED = (0.7, 1.0)    # range of the per-episode speed, in action units
+    VIA_PROB = 0.7        # chance that a leg longer than 0.4 bends through a via-point
+    VIA_SPREAD = 0.3      # sideways offset of the via-point: std, in units of the leg's length
+    NOISE = 0.15          # std of the action noise more than 3 steps from a target
 
     def __init__(self, task, seed, config=WorldConfig()):
         self.task, self.cfg = TASKS[task], config
         self.rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
-        self.speed = self.rng.uniform(0.7, 1.0)
+        self.speed = self.rng.uniform(*self.SPEED)
         self.place_offset = self.rng.uniform(-0.5, 0.5, 2) * config.pad_half
         self.stack_offset = self.rng.uniform(-0.4, 0.4, 2) * config.block_half
         self.leg, self.via = None, None
@@ -295,7 +310,7 @@ class Expert:
                 return np.array([-self.speed, np.clip((b[1] - g[1]) / cfg.max_step, -0.5, 0.5), 1.0])
             if world.closed:
                 return self._gripper(-1.0)                    # lost contact: lift, and go round again
-            return self._go(world, "behind", b + [cfg.block_half + cfg.pusher_radius + 0.05, 0.0])
+            return self._go(world, "behind", b + [push_start(cfg), 0.0])
         if world.closed:
             return self._gripper(-1.0)                        # closed on nothing: open before reaching
         return self._go(world, "reach", b)
@@ -319,17 +334,17 @@ class Expert:
             return self._gripper(-grip)
         move = delta * min(1.0, self.speed / dist)
         if dist > 3:                                          # far from the target: a little noise
-            move = move + self.rng.normal(0, 0.15, 2)
+            move = move + self.rng.normal(0, self.NOISE, 2)
         return np.array([*np.clip(move, -1, 1), grip])
 
     def _via_point(self, start, target):
-        """With probability 0.7 (legs longer than 0.4), a point between start and target, off the line."""
+        """Sometimes (VIA_PROB), a point between start and target, off the straight line."""
         dist = np.linalg.norm(target - start)
-        if dist < 0.4 or self.rng.random() < 0.3:
+        if dist < 0.4 or self.rng.random() >= self.VIA_PROB:
             return None
         along = (target - start) / dist
         normal = np.array([-along[1], along[0]])
-        via = start + along * dist * self.rng.uniform(0.3, 0.7) + normal * dist * self.rng.normal(0, 0.3)
+        via = start + along * dist * self.rng.uniform(0.3, 0.7) + normal * dist * self.rng.normal(0, self.VIA_SPREAD)
         return np.clip(via, -0.85, 0.85)
 
 # ----------------------------------------------------------------------------- demonstrations and datasets
@@ -358,19 +373,19 @@ def generate_dataset(root, tasks=TASK_SETS["goal4"], episodes_per_task=100, seed
                      episodes_per_shard=100):
     """Write `episodes_per_task` successful expert demonstrations of each task to `root` (data.py's format).
 
-    The tasks share their scenes (seeds drawn from `seed`, all below EVAL_SEED_BASE): the same table is shown
-    under every instruction, so that only the instruction tells the demonstrations apart. The rare scene the expert
-    fails on is skipped. Same arguments, same bytes.
+    Every episode has its own scene (seeds drawn from `seed`, all below EVAL_SEED_BASE, so never an evaluation
+    scene): a policy has to generalise to new tables, and distinct tables teach it more than the same tables shown
+    under several instructions. The rare scene the expert fails on is skipped. Same arguments, same bytes.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; known tasks: {', '.join(TASKS)}")
-    scenes = np.random.default_rng(seed).integers(0, EVAL_SEED_BASE, size=2 * episodes_per_task + 10)
+    rng = np.random.default_rng(seed)
 
     def episodes():
         for task in tasks:
             kept = 0
-            for scene in scenes:
+            for scene in rng.integers(0, EVAL_SEED_BASE, size=2 * episodes_per_task + 10):
                 if kept == episodes_per_task:
                     break
                 episode, success = demonstrate(task, int(scene), config)

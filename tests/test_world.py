@@ -48,6 +48,11 @@ def test_same_seed_same_episode():
 
 def test_scene_depends_on_seed_only_and_starts_unsolved():
     for seed in range(40):
+        w = World("push_red")
+        w.reset(seed)
+        for i in range(3):   # each block can be pushed: closing right of it grasps no other block
+            start = w.blocks[i] + [world.push_start(CFG), 0]
+            assert np.linalg.norm(w.blocks - start, axis=1).min() > CFG.grasp_radius
         first = None
         for task in TASKS:
             w = World(task)
@@ -85,16 +90,26 @@ def test_closed_gripper_over_a_block_carries_it_and_puts_it_down():
 
 def test_closing_away_from_blocks_grasps_nothing_and_shoves():
     w = scene()
-    w.gripper = w.blocks[1] + [0.3, 0.0]
+    w.gripper = w.blocks[1] + [0.3, 0.04]                 # a little off the block's row
     w.step([0, 0, 1])
     assert w.held == -1 and w.closed
     start = w.blocks[1].copy()
     for _ in range(5):
         w.step([-1, 0, 1])
-    # the pusher keeps the block exactly at contact distance in front of it
-    reach = CFG.block_half + CFG.pusher_radius
-    np.testing.assert_allclose(w.blocks[1], w.gripper + [-reach, 0], atol=1e-12)
+    # a square pusher: the block stays at contact distance ahead of it and moves straight, off-centre or not
+    reach = CFG.block_half + CFG.pusher_half
+    np.testing.assert_allclose(w.blocks[1], [w.gripper[0] - reach, start[1]], atol=1e-12)
     assert w.blocks[1][0] < start[0] - 0.2
+
+
+def test_closing_beside_a_block_and_opening_leaves_it():
+    w = scene()
+    w.gripper = w.blocks[0] + [CFG.grasp_radius + 0.02, 0]   # overlapping the pusher, but too far to grasp
+    blocks = w.blocks.copy()
+    w.step([0, 0, 1])
+    w.step([0, 0, -1])
+    assert w.held == -1
+    np.testing.assert_array_equal(w.blocks, blocks)
 
 
 def test_an_open_gripper_passes_over_blocks():
@@ -167,7 +182,7 @@ def pixel(xy):
 
 def test_each_object_shows_its_colour_and_the_gripper_its_state():
     w = scene(seed=4)
-    w.gripper = np.array([0.85, -0.85])          # a corner away from everything (scenes keep out of it)
+    w.gripper = np.array([0.85, -0.85])          # a corner away from the objects of this scene
     frame = w.render()
     for i in range(3):
         np.testing.assert_array_equal(frame[pixel(w.blocks[i])], world.BLOCK_RGB[i])
