@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 import data
 
@@ -485,7 +486,7 @@ def rollout(policy, worlds, seeds, replan_every=4, history=1, history_stride=1, 
         proprio = np.stack([results[i]["proprio"] for i in active])
         instructions = [worlds[i].task.instruction for i in active]
         chunks = _plan(policy, frames, instructions, proprio)
-        if chunks.shape[0] != len(active) or chunks.ndim != 3 or chunks.shape[1] < replan_every or chunks.shape[2] != 3:
+        if chunks.ndim != 3 or chunks.shape[0] != len(active) or chunks.shape[1] < replan_every or chunks.shape[2] != 3:
             raise ValueError(f"the policy returned chunks of shape {chunks.shape}; expected ({len(active)}, "
                              f">= {replan_every} (replan_every), 3)")
         for i, chunk in zip(active, chunks):
@@ -584,8 +585,6 @@ def save_gif(path, episodes, config=WorldConfig(), scale=8, ms_per_step=120):
     """Episodes side by side, frames scaled up, the plan in force drawn over them: the gripper's planned path
     (cyan where the chunk keeps it open, magenta where closed); a green or red frame once an episode has succeeded
     or failed. `episodes` are rollout records with an "instruction" added."""
-    from PIL import Image, ImageDraw
-
     s = config.frame_size * scale
     caption = 14
     length = max(len(ep["frames"]) for ep in episodes) + 5      # hold the end a moment
@@ -653,7 +652,6 @@ def main(argv=None):
               f"{len(manifest['shards'])} shards, generated in {seconds:.1f} s")
     world = World(tasks[-1])
     world.reset(EVAL_SEED_BASE)
-    from PIL import Image
     Image.fromarray(world.render()).resize((256, 256), Image.NEAREST).save(out / "frame.png")
     print(f"wrote {out / 'expert.gif'} and {out / 'frame.png'}")
 

@@ -1,4 +1,4 @@
-"""The built-in world: determinism, mechanics, success checks, the expert, dataset generation, closed-loop evaluation."""
+"""The built-in world: determinism, mechanics, success checks, the expert, datasets, closed-loop evaluation."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -335,3 +335,10 @@ def test_rollout_rejects_short_chunks():
             return np.zeros((len(frames), 2, 3))
     with pytest.raises(ValueError, match=r"expected \(2, >= 4 \(replan_every\), 3\)"):
         world.rollout(Short(), [World("pick_green"), World("place_red")], [0, 0], replan_every=4)
+
+
+def test_measurement_cli_runs(tmp_path, capsys):
+    world.main(["--episodes", "2", "--data-episodes", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "expert (2 episodes per task" in out and "dataset: 8 episodes" in out
+    assert (tmp_path / "expert.gif").is_file() and Image.open(tmp_path / "frame.png").size == (256, 256)
