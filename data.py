@@ -1,0 +1,375 @@
+"""Robot data for training: the project's on-disk dataset format, the training-window loader, and the two frozen
+stand-ins every dataset goes through on its way into the models (a "latent" video tokenizer and a text encoder).
+
+The format is not tied to the built-in world: any source (another simulator, a robot's logs) converted into it can
+be trained on. A dataset is a directory:
+
+    manifest.json              what the episodes are and how to read them (below)
+    shard-00000.safetensors    episodes, concatenated in manifest order (a few dozen episodes per shard)
+    shard-00001.safetensors    ...
+
+An episode of T control steps holds T + 1 observations (the one before each action, and the last one after) and T
+actions. A shard holds, for its E episodes of lengths T_1..T_E (N = sum T_e):
+    frames   (N + E, H, W, C) uint8     camera frames, rows top to bottom
+    proprio  (N + E, P)       float32   proprioception with each frame
+    actions  (N, A)           float32   the action taken after each frame but the last
+    lengths  (E,)             int64     T_e
+(Logs with one action per frame: drop the last action, or append one more observation.)
+
+manifest.json:
+    format "mimic-video-episodes", version 1
+    frame_shape [H, W, C], proprio_dim P, action_dim A, control_hz
+    proprio_range, action_range   [[low, high]] per dimension: the value ranges, for models that normalise
+    action_pad                    per action dimension, how to fill a chunk past the episode's end:
+                                  "zero" (e.g. a relative motion: stay) or "hold" (repeat the last action's value)
+    description                   free text: what the dimensions mean
+    source                        free JSON: how the data was made (generator, its config, seed)
+    shards    [{file, bytes, sha256, episodes}]
+    episodes  [{shard, length, instruction, task, info}]   (task groups episodes for reporting; info is free JSON)
+
+Reading checks every shard's size and sha256 against the manifest and every tensor's shape against it, and
+names the file at fault.
+"""
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+FORMAT = "mimic-video-episodes"
+VERSION = 1
+MANIFEST = "manifest.json"
+PAD_RULES = ("zero", "hold")
+
+# ----------------------------------------------------------------------------- episodes on disk
+
+
+@dataclass
+class Episode:
+    frames: np.ndarray       # (T + 1, H, W, C) uint8
+    proprio: np.ndarray      # (T + 1, P) float32
+    actions: np.ndarray      # (T, A) float32
+    instruction: str
+    task: str = ""           # defaults to the instruction
+    info: dict = field(default_factory=dict)
+
+
+def write_dataset(root, episodes, *, control_hz, proprio_range, action_range, action_pad, description="",
+                  source=None, episodes_per_shard=64):
+    """Write `episodes` (any iterable of Episode) as a dataset in the directory `root`; returns the manifest.
+    The bytes depend only on the arguments: the same episodes give the same files. An interrupted write leaves no
+    manifest, so it reads as no dataset, and writing again over it is allowed; over a complete one it is not."""
+    root = Path(root)
+    if (root / MANIFEST).exists():
+        raise FileExistsError(f"{root / MANIFEST} exists: a dataset is already there")
+    if any(rule not in PAD_RULES for rule in action_pad):
+        raise ValueError(f"action_pad entries must be one of {PAD_RULES}, got {action_pad}")
+    manifest = {"format": FORMAT, "version": VERSION, "frame_shape": None, "proprio_dim": None, "action_dim": None,
+                "control_hz": float(control_hz), "proprio_range": _ranges(proprio_range, "proprio_range"),
+                "action_range": _ranges(action_range, "action_range"), "action_pad": list(action_pad),
+                "description": description, "source": source or {}, "shards": [], "episodes": []}
+    root.mkdir(parents=True, exist_ok=True)
+    pending = []
+    for ep in episodes:
+        _check_episode(ep, manifest)
+        pending.append(ep)
+        if len(pending) == episodes_per_shard:
+            _write_shard(root, pending, manifest)
+            pending = []
+    if pending:
+        _write_shard(root, pending, manifest)
+    if not manifest["episodes"]:
+        raise ValueError("no episodes to write")
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(root / MANIFEST)        # the manifest appears last and whole: its presence means a complete dataset
+    return manifest
+
+
+def _ranges(ranges, name):
+    r = np.asarray(ranges, dtype=np.float64)
+    if r.ndim != 2 or r.shape[1] != 2 or not (r[:, 0] <= r[:, 1]).all():
+        raise ValueError(f"{name} must be [[low, high], ...] with low <= high, got {ranges}")
+    return r.tolist()
+
+
+def _check_episode(ep, manifest):
+    T = len(ep.actions)
+    if ep.frames.dtype != np.uint8 or ep.frames.ndim != 4:
+        raise ValueError(f"episode frames must be (T + 1, H, W, C) uint8, got {ep.frames.shape} {ep.frames.dtype}")
+    if ep.actions.ndim != 2 or ep.proprio.ndim != 2 or T < 1:
+        raise ValueError(f"episode actions (T, A) and proprio (T + 1, P) must be 2-D with T >= 1, got "
+                         f"{ep.actions.shape} and {ep.proprio.shape}")
+    if len(ep.frames) != T + 1 or len(ep.proprio) != T + 1:
+        raise ValueError(f"an episode of {T} actions needs {T + 1} frames and proprio rows, got "
+                         f"{len(ep.frames)} and {len(ep.proprio)}")
+    shape = {"frame_shape": list(ep.frames.shape[1:]), "proprio_dim": ep.proprio.shape[1],
+             "action_dim": ep.actions.shape[1]}
+    for key, value in shape.items():
+        if manifest[key] is None:
+            manifest[key] = value
+        elif manifest[key] != value:
+            raise ValueError(f"episodes disagree on {key}: {manifest[key]} before, {value} now")
+    for key, dim in (("proprio_range", shape["proprio_dim"]), ("action_range", shape["action_dim"]),
+                     ("action_pad", shape["action_dim"])):
+        if len(manifest[key]) != dim:
+            raise ValueError(f"{key} has {len(manifest[key])} entries for {dim} dimensions")
+
+
+def _write_shard(root, episodes, manifest):
+    name = f"shard-{len(manifest['shards']):05d}.safetensors"
+    tensors = {"frames": np.concatenate([ep.frames for ep in episodes]),
+               "proprio": np.concatenate([ep.proprio for ep in episodes]).astype(np.float32),
+               "actions": np.concatenate([ep.actions for ep in episodes]).astype(np.float32),
+               "lengths": np.array([len(ep.actions) for ep in episodes], dtype=np.int64)}
+    # a single metadata entry: safetensors writes its metadata map in hash order, so two would vary run to run
+    save_file(tensors, root / name, metadata={"format": f"{FORMAT} {VERSION}"})
+    blob = (root / name).read_bytes()
+    manifest["shards"].append({"file": name, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+                               "episodes": len(episodes)})
+    manifest["episodes"] += [{"shard": name, "length": len(ep.actions), "instruction": ep.instruction,
+                              "task": ep.task or ep.instruction, "info": ep.info} for ep in episodes]
+
+
+def read_manifest(root):
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a dataset directory (or its writing was interrupted)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"{path}: expected format {FORMAT!r} version {VERSION}, found "
+                         f"{manifest.get('format')!r} version {manifest.get('version')}")
+    required = ("frame_shape", "proprio_dim", "action_dim", "control_hz", "proprio_range", "action_range",
+                "action_pad", "shards", "episodes")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise ValueError(f"{path} lacks the keys {missing}")
+    return manifest
+
+
+class Dataset:
+    """A whole dataset in memory (it is small), episodes concatenated:
+    frames (F, H, W, C) uint8, proprio (F, P), actions (N, A); episode e owns frames
+    frame_start[e] .. frame_start[e] + lengths[e] and actions action_start[e] .. action_start[e] + lengths[e] - 1."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.manifest = m = read_manifest(root)
+        if [ep["shard"] for ep in m["episodes"]] != [s["file"] for s in m["shards"] for _ in range(s["episodes"])]:
+            raise ValueError(f"{self.root / MANIFEST}: the episodes do not follow the shards in order and count")
+        frames, proprio, actions = [], [], []
+        for shard in m["shards"]:
+            episodes = [ep for ep in m["episodes"] if ep["shard"] == shard["file"]]
+            t = _read_shard(self.root / shard["file"], shard, [ep["length"] for ep in episodes], m)
+            frames.append(t["frames"]), proprio.append(t["proprio"]), actions.append(t["actions"])
+        self.frames, self.proprio, self.actions = (np.concatenate(x) for x in (frames, proprio, actions))
+        self.lengths = np.array([ep["length"] for ep in m["episodes"]], dtype=np.int64)
+        self.action_start = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+        self.frame_start = self.action_start + np.arange(len(self.lengths))
+        self.instructions = [ep["instruction"] for ep in m["episodes"]]
+        self.tasks = [ep["task"] for ep in m["episodes"]]
+        self.action_pad = m["action_pad"]
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def episode(self, e):
+        f, a, T = self.frame_start[e], self.action_start[e], self.lengths[e]
+        ep = self.manifest["episodes"][e]
+        return Episode(self.frames[f:f + T + 1], self.proprio[f:f + T + 1], self.actions[a:a + T],
+                       ep["instruction"], ep["task"], ep["info"])
+
+
+def _read_shard(path, entry, lengths, manifest):
+    if not path.is_file():
+        raise FileNotFoundError(f"shard {path} is listed in the manifest but missing")
+    blob = path.read_bytes()
+    if len(blob) != entry["bytes"]:
+        raise ValueError(f"shard {path} is truncated or overwritten: expected {entry['bytes']} bytes, "
+                         f"found {len(blob)}")
+    if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+        raise ValueError(f"shard {path} is corrupted: its sha256 differs from the manifest's")
+    try:
+        tensors = load_file(path)
+    except Exception as e:     # safetensors reports a bad header with its own exception type
+        raise ValueError(f"shard {path} is not a readable safetensors file: {e}") from None
+    n, e = sum(lengths), len(lengths)
+    expected = {"frames": ((n + e, *manifest["frame_shape"]), np.uint8),
+                "proprio": ((n + e, manifest["proprio_dim"]), np.float32),
+                "actions": ((n, manifest["action_dim"]), np.float32), "lengths": ((e,), np.int64)}
+    for key, (shape, dtype) in expected.items():
+        if key not in tensors:
+            raise ValueError(f"shard {path} lacks the tensor {key!r}")
+        found = tensors[key]
+        if found.shape != shape or found.dtype != dtype:
+            raise ValueError(f"shard {path}, tensor {key!r}: the manifest implies {shape} {np.dtype(dtype)}, "
+                             f"found {found.shape} {found.dtype}")
+    if tensors["lengths"].tolist() != lengths:
+        raise ValueError(f"shard {path}: episode lengths {tensors['lengths'].tolist()} differ from the "
+                         f"manifest's {lengths}")
+    return tensors
+
+# ----------------------------------------------------------------------------- training windows
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """What one training example holds, for a window starting at step t of an episode of T steps:
+
+        history frames  t - (H_o - 1) s_o, ..., t - s_o, t          (H_o frames, stride s_o; the last is "now")
+        future frames   t + s_f, t + 2 s_f, ..., t + F s_f          (F = ceil(H_a / s_f): they cover the chunk)
+        proprio         at t
+        actions         t, ..., t + H_a - 1                        (the chunk H_a, as the dataset stores them)
+
+    Padding at the episode's ends: a frame index before 0 takes frame 0 (the scene before the start looked like
+    its first frame); past T it takes frame T (the world stays as the episode left it); an action past T - 1
+    follows the manifest's action_pad ("zero": stay; "hold": keep the last value, e.g. the gripper command).
+    """
+    history: int = 1           # H_o
+    horizon: int = 16          # H_a
+    history_stride: int = 1    # s_o
+    future_stride: int = 4     # s_f
+
+    def __post_init__(self):
+        for name in ("history", "horizon", "history_stride", "future_stride"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"WindowSpec.{name} must be a positive integer, got {getattr(self, name)!r}")
+
+    @property
+    def future(self):
+        return math.ceil(self.horizon / self.future_stride)
+
+
+def history_indices(t, history, stride):
+    """Frame indices of the H_o history frames ending at step t (array-like t -> (..., H_o)), clamped at 0.
+    The closed-loop evaluator uses it too, so a policy sees the same history in training and in the world."""
+    return np.maximum(np.asarray(t)[..., None] - stride * np.arange(history - 1, -1, -1), 0)
+
+
+class Windows:
+    """Training windows drawn from a Dataset, one per step t in 0..T-1 of each chosen episode.
+    Batches are gathered by numpy indexing from the in-memory arrays: no worker processes, and no multi-threaded
+    torch gathers, which were 10x slower than numpy's on a busy 2-core machine."""
+
+    def __init__(self, dataset, spec, text_encoder, episodes=None):
+        self.data, self.spec = dataset, spec
+        episodes = np.arange(len(dataset)) if episodes is None else np.asarray(episodes, dtype=np.int64)
+        lengths = dataset.lengths[episodes]
+        self.episode = np.repeat(episodes, lengths)                                  # (windows,)
+        self.t = np.concatenate([np.arange(T) for T in lengths])
+        self.text = text_encoder(dataset.instructions).numpy()                        # (episodes, L, D)
+        self.hold = torch.tensor([rule == "hold" for rule in dataset.action_pad])
+
+    def __len__(self):
+        return len(self.t)
+
+    def sample(self, batch_size, generator=None):
+        return self.batch(torch.randint(len(self), (batch_size,), generator=generator).numpy())
+
+    def batch(self, ids):
+        """The windows `ids` as a dict of tensors:
+        frames (B, H_o + F, H, W, C) uint8 (history then future), proprio (B, P), actions (B, H_a, A),
+        text (B, L, D), episode (B,), t (B,)."""
+        d, s = self.data, self.spec
+        e, t = self.episode[ids], self.t[ids]
+        T, f0, a0 = d.lengths[e][:, None], d.frame_start[e][:, None], d.action_start[e][:, None]
+        past = history_indices(t, s.history, s.history_stride)
+        future = np.minimum(t[:, None] + s.future_stride * np.arange(1, s.future + 1), T)
+        frames = d.frames[f0 + np.concatenate([past, future], axis=1)]
+        steps = t[:, None] + np.arange(s.horizon)                                     # (B, H_a)
+        actions = torch.from_numpy(d.actions[a0 + np.minimum(steps, T - 1)])
+        after_end = torch.from_numpy(steps >= T)[..., None]
+        actions = torch.where(after_end & ~self.hold, torch.zeros(()), actions)      # "hold" keeps the last value
+        return {"frames": torch.from_numpy(frames), "proprio": torch.from_numpy(d.proprio[f0[:, 0] + t]),
+                "actions": actions, "text": torch.from_numpy(self.text[e]),
+                "episode": torch.from_numpy(e), "t": torch.from_numpy(t)}
+
+# ----------------------------------------------------------------------------- the "latent" tokenizer stand-in
+
+
+class SpaceToDepth:
+    """Stand-in for the video VAE (Cosmos-Predict2 uses Wan2.1's, 16 channels, 8x smaller): a fixed, exactly
+    invertible, parameter-free map from frames to "latents" shaped as the video DiT expects them, one latent frame
+    per frame:
+
+        z[b, c f^2 + i f + j, t, y, x] = frame[b, t, f y + i, f x + j, c] / 127.5 - 1        (values in [-1, 1])
+    """
+
+    def __init__(self, factor=2):
+        self.f = factor
+
+    def channels(self, frame_channels=3):
+        return frame_channels * self.f ** 2
+
+    def encode(self, frames):
+        """(B, T, H, W, C) uint8 -> (B, C f^2, T, H / f, W / f) float32."""
+        if frames.dtype != torch.uint8 or frames.ndim != 5:
+            raise ValueError(f"frames must be (B, T, H, W, C) uint8, got {tuple(frames.shape)} {frames.dtype}")
+        B, T, H, W, C = frames.shape
+        f = self.f
+        if H % f or W % f:
+            raise ValueError(f"frame size {H}x{W} is not divisible by the space-to-depth factor {f}")
+        x = frames.float() / 127.5 - 1
+        x = x.view(B, T, H // f, f, W // f, f, C).permute(0, 6, 3, 5, 1, 2, 4)   # (B, C, i, j, T, y, x)
+        return x.reshape(B, C * f * f, T, H // f, W // f)
+
+    def decode(self, latents, frame_channels=3):
+        """(B, C f^2, T, h, w) float -> (B, T, h f, w f, C) uint8; decode(encode(x)) == x exactly."""
+        B, Cff, T, h, w = latents.shape
+        f, C = self.f, frame_channels
+        if Cff != C * f * f:
+            raise ValueError(f"latents have {Cff} channels, expected {C} x {f}^2 = {C * f * f}")
+        x = latents.reshape(B, C, f, f, T, h, w).permute(0, 4, 5, 2, 6, 3, 1)    # (B, T, y, i, x, j, C)
+        x = ((x.float() + 1) * 127.5).round().clamp(0, 255)
+        return x.to(torch.uint8).reshape(B, T, h * f, w * f, C)
+
+# ----------------------------------------------------------------------------- the text-encoder stand-in
+
+
+class TextEncoder:
+    """Stand-in for the frozen T5 encoder (no download): an instruction becomes (L, D) float32 "encoder states",
+    one row per word, zero past the last word, as T5 states past the prompt are.
+
+        state_i = w(word_i) + 0.5 pos(i)
+
+    w(word) is a fixed pseudo-random vector with entries uniform in [-sqrt(3), sqrt(3)] (unit variance), read from
+    the SHAKE-256 hash of the word: stable across machines, numpy versions and runs, and every word gets one, even
+    one never seen. pos(i) = [sin(i / 10000^(2k/D)), cos(i / 10000^(2k/D))]_k is the Transformer's position code;
+    without it "stack the red block on the blue block" and "... blue ... on the red ..." would be the same set of
+    rows. Words are the lower-cased runs of letters and digits.
+    """
+
+    def __init__(self, length=16, dim=64):
+        if dim % 2 or dim < 2 or length < 1:
+            raise ValueError(f"text encoder needs length >= 1 and an even dim >= 2, got {length}, {dim}")
+        self.length, self.dim = length, dim
+        k = np.arange(dim // 2)
+        angle = np.arange(length)[:, None] / 10000 ** (2 * k / dim)
+        self.pos = np.concatenate([np.sin(angle), np.cos(angle)], axis=1)          # (L, D)
+        self.words = {}
+
+    def word(self, w):
+        if w not in self.words:
+            raw = np.frombuffer(hashlib.shake_256(w.encode()).digest(4 * self.dim), dtype="<u4")
+            self.words[w] = (raw / 2.0**32 * 2 - 1) * math.sqrt(3)
+        return self.words[w]
+
+    def __call__(self, instructions):
+        """list of N strings -> (N, L, D) float32."""
+        out = np.zeros((len(instructions), self.length, self.dim))
+        for n, text in enumerate(instructions):
+            words = re.findall(r"[a-z0-9]+", text.lower())
+            if len(words) > self.length:
+                raise ValueError(f"instruction {text!r} has {len(words)} words; the text encoder holds "
+                                 f"{self.length} (raise its length)")
+            for i, w in enumerate(words):
+                out[n, i] = self.word(w) + 0.5 * self.pos[i]
+        return torch.from_numpy(out.astype(np.float32))

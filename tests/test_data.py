@@ -1,0 +1,236 @@
+"""The dataset format (round trip, errors that name the file), training windows, and the two frozen stand-ins."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import data
+from data import Dataset, Episode, SpaceToDepth, TextEncoder, WindowSpec, Windows
+
+PAD = ["zero", "hold"]
+
+
+def episode(T, seed, shape=(6, 4, 1), instruction="lift it"):
+    """An episode whose every value tells where it came from: frame k is filled with k, action k is (k, 100 + k)."""
+    rng = np.random.default_rng(seed)
+    frames = np.broadcast_to(np.arange(T + 1, dtype=np.uint8)[:, None, None, None], (T + 1, *shape)).copy()
+    frames[:, 0, 0, 0] = rng.integers(0, 256, T + 1)       # and something random, to catch mixed-up episodes
+    actions = np.stack([np.arange(T), 100 + np.arange(T)], axis=1).astype(np.float32)
+    proprio = rng.normal(size=(T + 1, 3)).astype(np.float32)
+    return Episode(frames, proprio, actions, instruction, info={"seed": seed})
+
+
+def write(root, episodes, **kw):
+    args = dict(control_hz=5, proprio_range=[[-4, 4]] * 3, action_range=[[0, 200]] * 2, action_pad=PAD,
+                episodes_per_shard=2)
+    return data.write_dataset(root, episodes, **{**args, **kw})
+
+
+@pytest.fixture
+def small(tmp_path):
+    eps = [episode(T, seed, instruction=f"task {seed % 2}") for seed, T in enumerate([3, 1, 5, 2, 4])]
+    write(tmp_path / "ds", eps)
+    return tmp_path / "ds", eps
+
+# ----------------------------------------------------------------------------- the format
+
+
+def test_round_trip(small):
+    root, eps = small
+    ds = Dataset(root)
+    m = ds.manifest
+    assert (m["frame_shape"], m["proprio_dim"], m["action_dim"], m["control_hz"]) == ([6, 4, 1], 3, 2, 5.0)
+    assert len(m["shards"]) == 3 and len(ds) == 5
+    for e, ep in enumerate(eps):
+        back = ds.episode(e)
+        np.testing.assert_array_equal(back.frames, ep.frames)
+        np.testing.assert_array_equal(back.proprio, ep.proprio)
+        np.testing.assert_array_equal(back.actions, ep.actions)
+        assert (back.instruction, back.task, back.info) == (ep.instruction, ep.instruction, ep.info)
+
+
+def test_writer_refuses_inconsistent_episodes(tmp_path):
+    with pytest.raises(ValueError, match="disagree on frame_shape"):
+        write(tmp_path / "a", [episode(2, 0), episode(2, 1, shape=(6, 4, 3))])
+    bad = episode(3, 0)
+    bad.frames = bad.frames[:3]
+    with pytest.raises(ValueError, match="3 actions needs 4 frames"):
+        write(tmp_path / "b", [bad])
+    with pytest.raises(ValueError, match="action_pad entries"):
+        write(tmp_path / "c", [episode(2, 0)], action_pad=["zero", "stay"])
+    with pytest.raises(ValueError, match="action_range has 3 entries for 2 dimensions"):
+        write(tmp_path / "d", [episode(2, 0)], action_range=[[0, 1]] * 3)
+    write(tmp_path / "d", [episode(2, 0)])         # over the failed attempt's leftovers
+    with pytest.raises(FileExistsError, match="manifest.json exists"):
+        write(tmp_path / "d", [episode(2, 0)])
+
+
+def test_truncated_shard_is_named(small):
+    root, _ = small
+    shard = root / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors is truncated .* expected \d+ bytes, found"):
+        Dataset(root)
+
+
+def test_corrupted_shard_is_named(small):
+    root, _ = small
+    shard = root / "shard-00002.safetensors"
+    blob = bytearray(shard.read_bytes())
+    blob[-1] ^= 1
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="shard-00002.safetensors is corrupted"):
+        Dataset(root)
+
+
+def edit_manifest(root, change):
+    m = json.loads((root / "manifest.json").read_text())
+    change(m)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def test_manifest_mismatch_names_file_tensor_and_shapes(small):
+    root, _ = small
+    edit_manifest(root, lambda m: m.update(frame_shape=[6, 4, 3]))
+    with pytest.raises(ValueError, match=r"shard-00000.safetensors, tensor 'frames': the manifest implies "
+                                         r"\(6, 6, 4, 3\) uint8, found \(6, 6, 4, 1\) uint8"):
+        Dataset(root)
+
+
+def test_manifest_episode_lengths_must_match_the_shard(small):
+    root, _ = small
+    edit_manifest(root, lambda m: (m["episodes"][0].update(length=2), m["episodes"][1].update(length=2)))
+    with pytest.raises(ValueError, match=r"shard-00000.safetensors: episode lengths \[3, 1\] differ from the "
+                                         r"manifest's \[2, 2\]"):
+        Dataset(root)
+
+
+def test_unreadable_shard_with_matching_checksum_is_named(small):
+    root, _ = small
+    shard = root / "shard-00000.safetensors"
+    junk = b"\xff" * 64
+    shard.write_bytes(junk)
+    edit_manifest(root, lambda m: m["shards"][0].update(bytes=64, sha256=hashlib.sha256(junk).hexdigest()))
+    with pytest.raises(ValueError, match="shard-00000.safetensors is not a readable safetensors file"):
+        Dataset(root)
+
+
+def test_missing_shard_and_bad_manifests_are_named(small):
+    root, _ = small
+    (root / "shard-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="shard-00002.safetensors is listed in the manifest but missing"):
+        Dataset(root)
+    edit_manifest(root, lambda m: m["episodes"].pop())
+    with pytest.raises(ValueError, match="do not follow the shards"):
+        Dataset(root)
+    edit_manifest(root, lambda m: m.update(version=2))
+    with pytest.raises(ValueError, match=r"manifest.json: expected format 'mimic-video-episodes' version 1, found "
+                                         r"'mimic-video-episodes' version 2"):
+        Dataset(root)
+    (root / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match="manifest.json is not valid JSON"):
+        Dataset(root)
+    (root / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="manifest.json not found"):
+        Dataset(root)
+
+# ----------------------------------------------------------------------------- training windows
+
+
+def test_windows_pad_as_documented(small):
+    root, eps = small
+    spec = WindowSpec(history=3, horizon=4, history_stride=2, future_stride=2)
+    windows = Windows(Dataset(root), spec, TextEncoder(length=4, dim=8))
+    assert len(windows) == 3 + 1 + 5 + 2 + 4
+    b = windows.batch(np.array([0, 2, 6]))          # episode 0 at t = 0 and 2; episode 2 (T = 5) at t = 2
+    frame_ids = b["frames"][:, :, 1, 1, 0].tolist()  # frame k holds k
+    assert frame_ids == [[0, 0, 0, 2, 3],   # t = 0 of T = 3: history -4, -2, 0 -> 0; future 2, 4 -> 2, 3
+                         [0, 0, 2, 3, 3],   # t = 2: history -2, 0, 2; future 4, 6 -> 3, 3
+                         [0, 0, 2, 4, 5]]   # t = 2 of T = 5: future 4, 6 -> 4, 5
+    actions = b["actions"].tolist()
+    assert actions[0] == [[0, 100], [1, 101], [2, 102], [0, 102]]      # past the end: "zero" then "hold"
+    assert actions[1] == [[2, 102], [0, 102], [0, 102], [0, 102]]
+    assert actions[2] == [[2, 102], [3, 103], [4, 104], [0, 104]]
+    np.testing.assert_array_equal(b["proprio"][2], eps[2].proprio[2])
+    np.testing.assert_array_equal(b["frames"][0, 0], eps[0].frames[0])           # the random pixel too
+    assert b["episode"].tolist() == [0, 0, 2] and b["t"].tolist() == [0, 2, 2]
+    text = TextEncoder(length=4, dim=8)(["task 0", "task 0", "task 0"])
+    torch.testing.assert_close(b["text"], text, rtol=0, atol=0)
+
+
+def test_windows_sample_is_seeded_and_can_hold_out_episodes(small):
+    root, _ = small
+    ds = Dataset(root)
+    windows = Windows(ds, WindowSpec(horizon=3), TextEncoder(), episodes=[1, 3])
+    assert len(windows) == 1 + 2
+    a = windows.sample(32, torch.Generator().manual_seed(0))
+    b = windows.sample(32, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert set(a["episode"].tolist()) == {1, 3}
+    assert a["frames"].shape == (32, 1 + 1, 6, 4, 1) and a["actions"].shape == (32, 3, 2)
+    assert a["text"].shape == (32, 16, 64) and a["proprio"].dtype == torch.float32
+
+
+def test_window_spec_validates():
+    assert WindowSpec(horizon=16, future_stride=5).future == 4
+    with pytest.raises(ValueError, match="history_stride must be a positive integer"):
+        WindowSpec(history_stride=0)
+
+# ----------------------------------------------------------------------------- the tokenizer stand-in
+
+
+def test_space_to_depth_inverts_every_byte_exactly():
+    frames = torch.arange(256, dtype=torch.uint8).view(1, 4, 8, 8, 1).expand(1, 4, 8, 8, 3).contiguous()
+    tok = SpaceToDepth(2)
+    z = tok.encode(frames)
+    assert z.shape == (1, 12, 4, 4, 4) and z.min() == -1 and z.max() == 1
+    assert torch.equal(tok.decode(z), frames)
+
+
+@given(st.integers(1, 3), st.sampled_from([1, 2, 4]), st.integers(1, 3), st.integers(0, 2**31))
+def test_space_to_depth_layout(t, f, c, seed):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (2, t, 4 * f, 2 * f, c), generator=g, dtype=torch.uint8)
+    tok = SpaceToDepth(f)
+    z = tok.encode(frames)
+    assert z.shape == (2, c * f * f, t, 4, 2) and tok.channels(c) == c * f * f
+    b, ch, tt, y, x = (int(torch.randint(0, n, (), generator=g)) for n in z.shape)
+    cc, i, j = ch // (f * f), ch // f % f, ch % f
+    assert z[b, ch, tt, y, x] == frames[b, tt, f * y + i, f * x + j, cc].float() / 127.5 - 1
+    assert torch.equal(tok.decode(z, c), frames)
+
+
+def test_space_to_depth_refuses_bad_input():
+    with pytest.raises(ValueError, match="not divisible by the space-to-depth factor 4"):
+        SpaceToDepth(4).encode(torch.zeros(1, 1, 6, 8, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\(B, T, H, W, C\) uint8"):
+        SpaceToDepth(2).encode(torch.zeros(1, 8, 8, 3))
+    with pytest.raises(ValueError, match="expected 3 x 2"):
+        SpaceToDepth(2).decode(torch.zeros(1, 8, 1, 4, 4))
+
+# ----------------------------------------------------------------------------- the text-encoder stand-in
+
+PINNED_RED = (-0.40297340349152544, -1.5617714009118668, 0.5530653828744428)   # w("red")[:3], any dim (SHAKE-256)
+
+
+def test_text_encoder_is_fixed_padded_and_order_aware():
+    enc = TextEncoder(length=8, dim=16)
+    a, b, c, d = enc(["stack the red block on the blue block", "Stack the RED block, on the blue block.",
+                      "stack the blue block on the red block", ""])
+    assert a.shape == (8, 16) and a.dtype == torch.float32
+    assert torch.equal(a, b)                            # case and punctuation do not matter
+    assert torch.equal(a[:8], TextEncoder(length=8, dim=16)(["stack the red block on the blue block"])[0])
+    assert not torch.equal(a, c)                        # word order does
+    assert torch.equal(d, torch.zeros(8, 16))
+    short = enc(["stack the red"])[0]
+    assert torch.equal(short[:3], a[:3]) and torch.equal(short[3:], torch.zeros(5, 16))
+    # w("red") is a fixed function of the word (SHAKE-256), the same on every machine: pin it
+    w = enc.word("red")
+    np.testing.assert_allclose(w[:3], PINNED_RED, rtol=1e-12)
+    assert np.abs(w).max() <= 3**0.5
+    with pytest.raises(ValueError, match="has 9 words; the text encoder holds 8"):
+        enc(["one two three four five six seven eight nine"])
+
