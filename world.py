@@ -469,8 +469,8 @@ def rollout(policy, worlds, seeds, replan_every=4, history=1, history_stride=1, 
     or else act(frames (H_o, S, S, 3), instruction, proprio (3,)) -> (>= r, 3); the H_o frames are the last ones
     with stride history_stride, padded at the start as data.Windows pads them.
     A privileged policy (ExpertPolicy) is first handed the worlds through its bind(worlds).
-    Returns per world {"success", "steps"}, plus, for the worlds listed in `record`, "frames" and "plans": for each
-    step, the proprio and the rest of the chunk in force.
+    Returns per world {"success", "steps"}, plus, for the worlds listed in `record`, "frames", "plans" (for each
+    step, the proprio and the rest of the chunk in force) and "contexts" (the history frames of each replan).
     """
     if hasattr(policy, "bind"):
         policy.bind(worlds)
@@ -478,7 +478,7 @@ def rollout(policy, worlds, seeds, replan_every=4, history=1, history_stride=1, 
     for world, seed in zip(worlds, seeds):
         obs, _ = world.reset(seed)
         results.append({"success": False, "steps": 0, "frames": [obs["frame"]], "proprio": obs["proprio"],
-                        "plans": []})
+                        "plans": [], "contexts": []})
     while not all(w.done for w in worlds):
         active = [i for i, w in enumerate(worlds) if not w.done]
         frames = np.stack([np.stack([results[i]["frames"][j] for j in
@@ -489,8 +489,10 @@ def rollout(policy, worlds, seeds, replan_every=4, history=1, history_stride=1, 
         if chunks.ndim != 3 or chunks.shape[0] != len(active) or chunks.shape[1] < replan_every or chunks.shape[2] != 3:
             raise ValueError(f"the policy returned chunks of shape {chunks.shape}; expected ({len(active)}, "
                              f">= {replan_every} (replan_every), 3)")
-        for i, chunk in zip(active, chunks):
+        for n, (i, chunk) in enumerate(zip(active, chunks)):
             r = results[i]
+            if i in record:
+                r["contexts"].append(frames[n])
             for k, a in enumerate(chunk[:replan_every]):
                 if i in record:
                     r["plans"].append((r["proprio"], chunk[k:]))
@@ -501,7 +503,7 @@ def rollout(policy, worlds, seeds, replan_every=4, history=1, history_stride=1, 
                     break
     for i, r in enumerate(results):
         if i not in record:
-            del r["frames"], r["plans"]
+            del r["frames"], r["plans"], r["contexts"]
         del r["proprio"]
     return results
 
@@ -562,31 +564,41 @@ class EvalResult:
 
 
 def evaluate(policy, tasks=TASK_SETS["goal4"], episodes_per_task=25, *, replan_every=4, history=1,
-             history_stride=1, config=WorldConfig(), seed_base=EVAL_SEED_BASE, gif_path=None, gif_tasks=4):
+             history_stride=1, config=WorldConfig(), seed_base=EVAL_SEED_BASE, gif_path=None, gif_tasks=4,
+             imagine=None):
     """Closed-loop success of `policy` on `episodes_per_task` held-out scenes (seeds seed_base, seed_base + 1, ...;
     generated datasets never use seeds >= EVAL_SEED_BASE), all episodes of all tasks run in one lockstep batch.
-    Optionally writes a GIF of the first episode of each of the first `gif_tasks` tasks."""
+    Optionally writes a GIF of the first episode of each of the first `gif_tasks` tasks; with
+    imagine(frames (N, H_o, S, S, 3), instructions) -> future frames (N, F, S, S, 3), each replan's imagined future
+    is shown under its episode (a video model's "visual plan")."""
     names = [t for t in tasks for _ in range(episodes_per_task)]
     worlds = [World(t, config) for t in names]
     seeds = [seed_base + j for _ in tasks for j in range(episodes_per_task)]
     record = [k * episodes_per_task for k in range(min(gif_tasks, len(tasks)))] if gif_path else []
     results = rollout(policy, worlds, seeds, replan_every, history, history_stride, record)
     if gif_path:
-        save_gif(gif_path, [dict(results[i], instruction=worlds[i].task.instruction) for i in record], config)
+        episodes = [dict(results[i], instruction=worlds[i].task.instruction) for i in record]
+        if imagine is not None:
+            for ep in episodes:
+                ep["imagined"] = imagine(np.stack(ep["contexts"]), [ep["instruction"]] * len(ep["contexts"]))
+        save_gif(gif_path, episodes, config, replan_every=replan_every)
     by_task = {t: [r for n, r in zip(names, results) if n == t] for t in tasks}
-    return EvalResult({t: sum(r["success"] for r in rs) for t, rs in by_task.items()},
+    return EvalResult({t: int(sum(r["success"] for r in rs)) for t, rs in by_task.items()},
                       {t: len(rs) for t, rs in by_task.items()},
                       {t: float(np.mean([r["steps"] for r in rs])) for t, rs in by_task.items()})
 
 # ----------------------------------------------------------------------------- GIFs
 
 
-def save_gif(path, episodes, config=WorldConfig(), scale=8, ms_per_step=120):
+def save_gif(path, episodes, config=WorldConfig(), scale=8, ms_per_step=120, replan_every=4):
     """Episodes side by side, frames scaled up, the plan in force drawn over them: the gripper's planned path
     (cyan where the chunk keeps it open, magenta where closed); a green or red frame once an episode has succeeded
-    or failed. `episodes` are rollout records with an "instruction" added."""
+    or failed. `episodes` are rollout records with an "instruction" added, and optionally "imagined": per replan,
+    the predicted future frames (F, S, S, 3), drawn as a strip under the episode while that plan is in force."""
     s = config.frame_size * scale
     caption = 14
+    imagined = [ep["imagined"] for ep in episodes if "imagined" in ep]
+    strip = s // len(imagined[0][0]) if imagined else 0      # F future frames side by side
     length = max(len(ep["frames"]) for ep in episodes) + 5      # hold the end a moment
 
     def pixel(xy):
@@ -594,9 +606,14 @@ def save_gif(path, episodes, config=WorldConfig(), scale=8, ms_per_step=120):
 
     images = []
     for t in range(length):
-        canvas = Image.new("RGB", (s * len(episodes), s + caption))
+        canvas = Image.new("RGB", (s * len(episodes), s + caption + strip))
         for n, ep in enumerate(episodes):
-            tile = Image.new("RGB", (s, s + caption))
+            tile = Image.new("RGB", (s, s + caption + strip))
+            if strip and t < len(ep["plans"]):
+                future = ep["imagined"][t // replan_every]               # (F, S, S, 3)
+                w = s // len(future)
+                for j, f in enumerate(future):
+                    tile.paste(Image.fromarray(f).resize((w, w), Image.NEAREST), (j * w, s + caption))
             frame = ep["frames"][min(t, len(ep["frames"]) - 1)]
             tile.paste(Image.fromarray(frame).resize((s, s), Image.NEAREST), (0, caption))
             draw = ImageDraw.Draw(tile)
