@@ -92,7 +92,7 @@ class VAMPolicy:
         noise = torch.randn((N, C, H_o + self.spec.future, h, w), generator=self.generator).to(self.device)
         velocity = lambda x, tau: self.video.video2world_velocity(x, tau, text, context, H_o)   # noqa: E731
         x0 = flow.euler(velocity, noise, 1.0, 0.0, steps)
-        return self.tokenizer.decode(x0[:, :, H_o:].clamp(-1, 1).cpu())
+        return self.tokenizer.decode(x0[:, :, H_o:].clamp(-1, 1).cpu()).numpy()
 
     @classmethod
     def load(cls, out_dir, device="cpu", **overrides):

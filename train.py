@@ -54,6 +54,8 @@ class VideoStage:
     lora_rank: int = arg(256, "LoRA rank (with --video.pretrained)")
     lora_alpha: float = arg(32.0, "LoRA alpha (with --video.pretrained)")
     patch: int = arg(2, "spatial patch size of the video model (scratch training only)")
+    heads: int = arg(0, "attention heads, i.e. width / head_dim (scratch training only; 0: the preset's)")
+    layers: int = arg(0, "blocks (scratch training only; 0: the preset's)")
     steps: int = arg(1000, "optimiser steps")
     batch_size: int = arg(32, "global batch size (all processes together)")
     lr: float = arg(1e-3, "peak learning rate")
@@ -450,7 +452,8 @@ def video_config(cfg, dataset):
     if cfg.video.pretrained:
         return vc
     channels = data.SpaceToDepth(cfg.tokenizer_factor).channels(dataset.manifest["frame_shape"][2])
-    return replace(vc, in_channels=channels, patch=cfg.video.patch)
+    return replace(vc, in_channels=channels, patch=cfg.video.patch, num_heads=cfg.video.heads or vc.num_heads,
+                   num_layers=cfg.video.layers or vc.num_layers)
 
 
 def build_video(cfg, dataset, device):
