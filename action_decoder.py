@@ -5,6 +5,7 @@ video flow time tau_v), the proprioception, and a noisy action chunk at action f
 chunk's velocity v = eps - x0 (flow.py's convention: tau = 1 is noise, tau = 0 is data).
 
     sequence   [proprio token, H_a noisy-action tokens] + learned position embedding
+    video      LN(layer-k states)  (+ learned token positions if context_tokens > 0; not in the release)
     block      x += gate * CrossAttn(mod(LN(x)), video)      (keys/values: the video states, never tau_a)
                x += gate * SelfAttn(mod(LN(x)))
                x += gate * MLP(mod(LN(x)))                   mod(y) = y * (1 + scale) + shift
@@ -48,12 +49,18 @@ class ActionDecoderConfig:
     tau_a_alpha: float = 1.5  # tau_a ~ 0.001 + 0.999 Beta(alpha, beta): the paper's (1.5, 1); the release's (1, 1)
     tau_a_beta: float = 1.0
     loss_weight: float = 10.0
+    # > 0: a learned position embedding for up to this many video tokens, added to the normalised states. Not in the
+    # release, whose cross-attention sees the video tokens as an unordered set: a RoPE-only video model's states
+    # say where a token is only through its content, which a plain background does not give. 0: none.
+    context_tokens: int = 0
 
     def __post_init__(self):
         for name in ("H_a", "action_dim", "proprio_dim", "video_dim", "width", "depth", "heads", "rank",
                      "adaln_lora"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ActionDecoderConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.context_tokens, int) or self.context_tokens < 0:
+            raise ValueError(f"ActionDecoderConfig.context_tokens must be an integer >= 0, got {self.context_tokens!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} does not split into {self.heads} heads")
         if not 0 <= self.proprio_dropout <= 1:
@@ -200,6 +207,7 @@ class ActionDecoder(nn.Module):
         self.proprio_mask = nn.Parameter(torch.empty(1, D))   # replaces a dropped proprio token
         self.pos = nn.Parameter(torch.empty(1 + cfg.H_a, D))
         self.video_norm = nn.LayerNorm(cfg.video_dim, eps=1e-6)
+        self.video_pos = nn.Parameter(torch.empty(cfg.context_tokens, cfg.video_dim)) if cfg.context_tokens else None
         self.time = TimeEncoding(D, cfg.rank)
         self.z_norm = nn.RMSNorm(cfg.rank, eps=1e-6)
         self.A = nn.Linear(cfg.rank, 3 * D, bias=False)
@@ -225,6 +233,8 @@ class ActionDecoder(nn.Module):
         std = self.cfg.width ** -0.5
         nn.init.trunc_normal_(self.proprio_mask, std=std, a=-3 * std, b=3 * std)
         nn.init.trunc_normal_(self.pos, std=std, a=-3 * std, b=3 * std)
+        if self.video_pos is not None:   # half the scale of the normalised states it is added to
+            nn.init.trunc_normal_(self.video_pos, std=0.5, a=-1.5, b=1.5)
         nn.init.constant_(self.time.B.bias, BC_BIAS_INIT)
         nn.init.constant_(self.time.C.bias, BC_BIAS_INIT)
         # adaLN-Zero: each sub-layer's own modulation starts at A z alone, and the output layer at zero, so an
@@ -243,6 +253,11 @@ class ActionDecoder(nn.Module):
         if video_states.ndim != 3 or video_states.shape[-1] != cfg.video_dim:
             raise ValueError(f"video_states must be (B, N, video_dim={cfg.video_dim}), got {tuple(video_states.shape)}")
         context = self.video_norm(video_states.detach().to(self.pos.dtype))
+        if self.video_pos is not None:
+            if context.shape[1] > cfg.context_tokens:
+                raise ValueError(f"{context.shape[1]} video tokens, but the decoder has positions for "
+                                 f"context_tokens={cfg.context_tokens}")
+            context = context + self.video_pos[:context.shape[1]]
         return [block.cross_attn.keys_values(context) for block in self.blocks]
 
     def velocity(self, video_kv, tau_v, proprio, noisy_actions, tau_a, *, drop_proprio=None):

@@ -225,7 +225,7 @@ class WindowSpec:
     """What one training example holds, for a window starting at step t of an episode of T steps:
 
         history frames  t - (H_o - 1) s_o, ..., t - s_o, t          (H_o frames, stride s_o; the last is "now")
-        future frames   t + s_f, t + 2 s_f, ..., t + F s_f          (F = ceil(H_a / s_f): they cover the chunk)
+        future frames   t + s_f, t + 2 s_f, ..., t + F s_f          (F: by default ceil(H_a / s_f), the chunk)
         proprio         at t
         actions         t, ..., t + H_a - 1                        (the chunk H_a, as the dataset stores them)
 
@@ -237,15 +237,18 @@ class WindowSpec:
     horizon: int = 16          # H_a
     history_stride: int = 1    # s_o
     future_stride: int = 4     # s_f
+    future_frames: int = 0     # F; 0: ceil(H_a / s_f), just enough frames to cover the chunk
 
     def __post_init__(self):
         for name in ("history", "horizon", "history_stride", "future_stride"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"WindowSpec.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.future_frames, int) or self.future_frames < 0:
+            raise ValueError(f"WindowSpec.future_frames must be an integer >= 0, got {self.future_frames!r}")
 
     @property
     def future(self):
-        return math.ceil(self.horizon / self.future_stride)
+        return self.future_frames or math.ceil(self.horizon / self.future_stride)
 
 
 def history_indices(t, history, stride):

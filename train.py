@@ -70,6 +70,9 @@ class ActionStage:
     model: str = arg("tiny", "action decoder preset (action_decoder.PRESETS)")
     k: int = arg(3, "video block whose hidden states the decoder reads (0-based; the paper: 19 of 28)")
     tau_v: str = arg("uniform", "tau_v of the training examples: 'uniform' on (0, 1], or a fixed value")
+    positions: bool = arg(True, "learned positions of the video tokens in the decoder's cross-attention (not in "
+                                "the release; without them a plain table leaves the decoder unable to tell where "
+                                "a token is)")
     tau_a_alpha: float = arg(1.5, "tau_a ~ Beta(alpha, beta): the paper's 1.5, the release's 1")
     tau_a_beta: float = arg(1.0, "tau_a ~ Beta(alpha, beta)")
     steps: int = arg(2000, "optimiser steps")
@@ -104,6 +107,7 @@ class Config:
     history_stride: int = arg(1, "control steps between history frames")
     horizon: int = arg(16, "H_a: actions per chunk")
     future_stride: int = arg(4, "control steps between predicted future frames")
+    future_frames: int = arg(0, "predicted future frames (0: enough to cover the action chunk, ceil(H_a / stride))")
     tokenizer_factor: int = arg(4, "space-to-depth factor of the latent stand-in (latent channels 3 f^2)")
     text_length: int = arg(16, "words the text-encoder stand-in holds")
     holdout: float = arg(0.1, "share of episodes held out for the action error (datasets without a world)")
@@ -115,10 +119,13 @@ class Config:
 
 
 PRESETS = {
-    # python train.py: the built-in world on a 2-core CPU
-    "world": Config(),
-    # longer: more time, higher success
-    "world-long": Config(video=VideoStage(steps=3000), action=ActionStage(steps=6000), eval=EvalStage(episodes=50)),
+    # python train.py: the built-in world on a 2-core CPU in about 15 minutes (a 256-wide, 4-block video DiT; the
+    # decoder reads block 2 at tau_v = 1, the only tau_v the policy uses)
+    "world": Config(horizon=8, future_stride=8, future_frames=2, video=VideoStage(heads=8, layers=4, steps=1000),
+                    action=ActionStage(k=2, tau_v="1.0", steps=1200), eval=EvalStage(episodes=50)),
+    # the same, trained longer
+    "world-long": Config(horizon=8, future_stride=8, future_frames=2, video=VideoStage(heads=8, layers=4, steps=2000),
+                         action=ActionStage(k=2, tau_v="1.0", steps=3000), eval=EvalStage(episodes=50)),
     # seconds: checks that everything runs (tests)
     "smoke": Config(world_episodes=4, log_every=2, ckpt_every=2, video=VideoStage(steps=4, batch_size=8),
                     action=ActionStage(k=1, steps=4, batch_size=8), eval=EvalStage(episodes=2, gif=False)),
@@ -128,8 +135,8 @@ PRESETS = {
         out="out/cosmos-2b", history=5, horizon=15, tokenizer_factor=8, text_length=512,
         video=VideoStage(model="cosmos-predict2-2b", pretrained="nvidia/Cosmos-Predict2-2B-Video2World",
                          steps=10000, batch_size=32, lr=1.778e-4, warmup=0, schedule="constant", grad_clip=1.0),
-        action=ActionStage(model="mimic-video", k=19, tau_a_alpha=1.5, steps=14112, batch_size=256, lr=1e-4,
-                           warmup=1000, schedule="linear", weight_decay=0.1, grad_clip=10.0)),
+        action=ActionStage(model="mimic-video", k=19, positions=False, tau_a_alpha=1.5, steps=14112, batch_size=256,
+                           lr=1e-4, warmup=1000, schedule="linear", weight_decay=0.1, grad_clip=10.0)),
 }
 
 
@@ -232,6 +239,9 @@ def save_atomic(path, tensors, meta):
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={"mimic_video": json.dumps(meta)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # safetensors writes 0600; give it the permissions of any new file
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -442,7 +452,7 @@ def load_data(cfg, rank, world_size):
     if not has_world:   # no environment to evaluate in: keep some episodes back for the action error
         n = max(1, round(cfg.holdout * len(dataset)))
         held_out, episodes = episodes[-n:], episodes[:-n]
-    spec = data.WindowSpec(cfg.history, cfg.horizon, cfg.history_stride, cfg.future_stride)
+    spec = window_spec(cfg)
     text = data.TextEncoder(cfg.text_length, video_config(cfg, dataset).text_dim)
     return dataset, spec, data.Windows(dataset, spec, text, episodes), held_out, (source if has_world else None)
 
@@ -473,14 +483,26 @@ def build_video(cfg, dataset, device):
 def build_decoder(cfg, dataset, video):
     dc = decoder_preset(cfg.action.model, H_a=cfg.horizon, action_dim=dataset.manifest["action_dim"],
                         proprio_dim=dataset.manifest["proprio_dim"], video_dim=video.cfg.width,
-                        tau_a_alpha=cfg.action.tau_a_alpha, tau_a_beta=cfg.action.tau_a_beta)
+                        tau_a_alpha=cfg.action.tau_a_alpha, tau_a_beta=cfg.action.tau_a_beta,
+                        context_tokens=video_tokens(cfg, dataset, video) if cfg.action.positions else 0)
     return ActionDecoder(dc)
+
+
+def window_spec(cfg):
+    return data.WindowSpec(cfg.history, cfg.horizon, cfg.history_stride, cfg.future_stride, cfg.future_frames)
+
+
+def video_tokens(cfg, dataset, video):
+    """Tokens of one window in the video model: (H_o + F) latent frames of (H / f / p) x (W / f / p) patches."""
+    height, width, _ = dataset.manifest["frame_shape"]
+    frames = cfg.history + window_spec(cfg).future
+    per_side = cfg.tokenizer_factor * video.cfg.patch
+    return frames * (height // per_side) * (width // per_side)
 
 
 def run_meta(cfg, dataset, source):
     """What sample.py needs to rebuild the policy of this run."""
-    return {"k": cfg.action.k, "window": asdict(data.WindowSpec(cfg.history, cfg.horizon, cfg.history_stride,
-                                                                 cfg.future_stride)),
+    return {"k": cfg.action.k, "window": asdict(window_spec(cfg)),
             "tokenizer_factor": cfg.tokenizer_factor, "text_length": cfg.text_length, "tau_v": cfg.eval.tau_v,
             "action_steps": cfg.eval.action_steps, "replan": cfg.eval.replan,
             "tasks": source["tasks"] if source else None, "world_config": source["config"] if source else None}

@@ -171,6 +171,23 @@ def test_video_token_order_does_not_matter_but_content_does():
     assert (changed - out).abs().amax(dim=(1, 2)).min() > 1e-3
 
 
+def test_context_positions_make_token_order_matter():
+    """With context_tokens the decoder knows where each video token sits: a permutation now changes the output,
+    the identity permutation does not, and fewer tokens than positions are fine."""
+    cfg = tiny(context_tokens=16)
+    dec = trained_looking(ActionDecoder(cfg))
+    video, tau_v, proprio, actions, tau_a = inputs(cfg, N=16)
+    out = dec(video, tau_v, proprio, actions, tau_a)
+    torch.testing.assert_close(dec(video[:, torch.arange(16)], tau_v, proprio, actions, tau_a), out)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    assert (dec(video[:, perm], tau_v, proprio, actions, tau_a) - out).abs().amax(dim=(1, 2)).min() > 1e-3
+    assert dec(video[:, :12], tau_v, proprio, actions, tau_a).shape == out.shape
+    with pytest.raises(ValueError, match="17 video tokens, but the decoder has positions for context_tokens=16"):
+        dec(torch.cat([video, video[:, :1]], 1), tau_v, proprio, actions, tau_a)
+    with pytest.raises(ValueError, match="context_tokens must be an integer >= 0"):
+        tiny(context_tokens=-1)
+
+
 def test_proprio_mask_token_is_used_exactly_when_dropped():
     cfg = tiny()
     dec = trained_looking(ActionDecoder(cfg))

@@ -176,8 +176,20 @@ def test_windows_sample_is_seeded_and_can_hold_out_episodes(small):
 
 def test_window_spec_validates():
     assert WindowSpec(horizon=16, future_stride=5).future == 4
+    assert WindowSpec(horizon=4, future_stride=8, future_frames=2).future == 2
     with pytest.raises(ValueError, match="history_stride must be a positive integer"):
         WindowSpec(history_stride=0)
+    with pytest.raises(ValueError, match="future_frames must be an integer >= 0"):
+        WindowSpec(future_frames=-1)
+
+
+def test_future_frames_may_look_past_the_chunk(small):
+    """F = 3 frames at stride 2 for a chunk of 2 actions: frames t + 2, t + 4, t + 6, clamped at T."""
+    root, _ = small
+    spec = WindowSpec(history=1, horizon=2, future_stride=2, future_frames=3)
+    b = Windows(Dataset(root), spec, TextEncoder(length=4, dim=8)).batch(np.array([4]))   # episode 2 (T = 5), t = 0
+    assert b["frames"][:, :, 1, 1, 0].tolist() == [[0, 2, 4, 5]]
+    assert b["actions"].shape == (1, 2, 2)
 
 # ----------------------------------------------------------------------------- the tokenizer stand-in
 
