@@ -1,7 +1,7 @@
 """Train a Video-Action Model in the paper's two stages, then evaluate it in closed loop.
 
     python train.py                                   # built-in world: data, stage 1, stage 2, evaluation (CPU)
-    python train.py --preset world-long               # longer training, higher success
+    python train.py --preset world-long               # longer training (~36 min), higher success
     python train.py --data DIR --out OUT              # any dataset in data.py's format
     python train.py --video.steps 2000 --action.lr 3e-4 ...   # any config field; see --help
     python train.py --resume                          # continue a killed run from its last checkpoint
