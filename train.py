@@ -118,14 +118,18 @@ class Config:
     eval: EvalStage = field(default_factory=EvalStage)
 
 
+def world_preset(video_steps, action_steps):
+    """The built-in world: a 256-wide, 4-block video DiT predicting frames t+8 and t+16; the decoder reads block 2
+    at tau_v = 1, the only tau_v the policy uses."""
+    return Config(horizon=8, future_stride=8, future_frames=2, video=VideoStage(heads=8, layers=4, steps=video_steps),
+                  action=ActionStage(k=2, tau_v="1.0", steps=action_steps), eval=EvalStage(episodes=50))
+
+
 PRESETS = {
-    # python train.py: the built-in world on a 2-core CPU in about 15 minutes (a 256-wide, 4-block video DiT; the
-    # decoder reads block 2 at tau_v = 1, the only tau_v the policy uses)
-    "world": Config(horizon=8, future_stride=8, future_frames=2, video=VideoStage(heads=8, layers=4, steps=1000),
-                    action=ActionStage(k=2, tau_v="1.0", steps=1200), eval=EvalStage(episodes=50)),
-    # the same, trained longer
-    "world-long": Config(horizon=8, future_stride=8, future_frames=2, video=VideoStage(heads=8, layers=4, steps=2000),
-                         action=ActionStage(k=2, tau_v="1.0", steps=3000), eval=EvalStage(episodes=50)),
+    # python train.py: the built-in world on a 2-core CPU in about 15 minutes
+    "world": world_preset(video_steps=1000, action_steps=1200),
+    # the same, trained longer (about 36 minutes)
+    "world-long": world_preset(video_steps=2000, action_steps=3000),
     # seconds: checks that everything runs (tests)
     "smoke": Config(world_episodes=4, log_every=2, ckpt_every=2, video=VideoStage(steps=4, batch_size=8),
                     action=ActionStage(k=1, steps=4, batch_size=8), eval=EvalStage(episodes=2, gif=False)),
