@@ -10,7 +10,9 @@ Per query row it stores lse = m + log2(l), all the backward needs to recompute P
 Backward, with dO the gradient of O and delta = rowsum(O * dO):
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dK = sm_scale dS^T Q,   dQ = sm_scale dS K.
 One kernel sweeps all queries for a block of keys (dK, dV), another all keys for a block of queries (dQ): no atomics,
-so the result is deterministic.
+so the result is deterministic. Both recompute each (BLOCK_M, BLOCK_N) tile of S = Q K^T exactly as the forward did,
+as FlashAttention-2 does: lse is consistent only with the forward's own rounding of S (dV = P^T dO takes the
+transpose of that tile, not a tile of K Q^T, which rounds differently).
 
 Layouts: q, k, v may be strided (B, H, L, D) views, e.g. a transposed (B, L, H, D) projection, read in place if their
 stride over D is 1; o, lse and all gradients are allocated contiguous here.
@@ -101,16 +103,19 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load(Q, offs_m, stride_qm, Lq, HEAD_DIM, BLOCK_D, UPCAST)
         do = _load(DO, offs_m, HEAD_DIM, Lq, HEAD_DIM, BLOCK_D, UPCAST)
-        # Queries past Lq load as zeros (q, dO, lse, delta), so P^T there is 1 and dS^T 0: they add nothing.
+        # Queries past Lq load as zeros (q, dO, lse, delta), so P there is 1 and dS 0: they add nothing.
         lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        # The score tile exactly as the forward computed it (same orientation, same tile), then transposed: the
+        # stored lse matches only the forward's own rounding of s, and one ulp of a logit s ~ 300 is already a
+        # 2e-5 relative error of P = 2^(s - lse), which dV = P^T dO sums over every query.
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         # Keys past Lk are never stored, but 2^(0 - lse) may overflow there: keep infinities out
-        pT = tl.exp2(tl.where(offs_n[:, None] < Lk, sT, float("-inf")) - lse[None, :])
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+        p = tl.exp2(tl.where(offs_n[None, :] < Lk, s, float("-inf")) - lse[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
     offset = bh.to(tl.int64) * Lk * HEAD_DIM
     _store(DK + offset, offs_n, Lk, dk * sm_scale, HEAD_DIM, BLOCK_D)
@@ -159,19 +164,22 @@ if INTERPRETED != isinstance(tl.sum, InterpretedFunction):
                       "TRITON_INTERPRET changed in between; set it once, before anything imports triton")
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for head dims up to 64 and up to 128. Not tuned (no GPU
-# was available): each compiles for sm_90 without register spills on triton 3.6 and 3.9.
-CONFIGS = {
-    "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-    "dkdv": {64: (64, 64, 4, 3), 128: (32, 64, 8, 2)},
-    "dq": {64: (64, 64, 4, 3), 128: (64, 32, 8, 2)},
+# One score tile (BLOCK_M queries, BLOCK_N keys) for all three kernels: the backward recomputes S tile by tile
+# exactly as the forward computed it (see _backward_dkdv_kernel). Then (num_warps, num_stages) per kernel, for head
+# dims up to 64 and up to 128. Not tuned (no GPU was available); compiled for sm_90 by triton 3.9 each fits an
+# H100's shared memory (tested) and spills no registers (cuobjdump), except dq at head dim 128: 40 bytes of stack.
+BLOCK_M, BLOCK_N = 128, 64
+LAUNCH = {
+    "forward": {64: (4, 3), 128: (8, 3)},
+    "dkdv": {64: (8, 2), 128: (8, 1)},
+    "dq": {64: (8, 2), 128: (8, 1)},
 }
 
 
 def _launch(kernel, name, rows, q, args):
     """Run `kernel` on `args` over (cdiv(rows, its row block), B * H) programs, configured for q's head dim."""
     B, H, _, D = q.shape
-    BLOCK_M, BLOCK_N, num_warps, num_stages = CONFIGS[name][64 if D <= 64 else 128]
+    num_warps, num_stages = LAUNCH[name][64 if D <= 64 else 128]
     grid = (triton.cdiv(rows, BLOCK_N if name == "dkdv" else BLOCK_M), B * H)
     # fp32 inputs use tf32 tensor cores only where torch's own fp32 matmuls may
     precision = "tf32" if q.dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest" else "ieee"
