@@ -18,7 +18,10 @@ The modulations come from both flow times through a low-rank bilinear-affine enc
     [shift, scale, gate] = U_l D_l SiLU(RMSNorm(z)) + A z      (U_l D_l: per sub-layer, A: shared by all)
 
 and time is per token: the proprio token is clean, tau_a = 1e-3. Read flow.py first.
+Not here: the video model whose states it reads (video_model.py), the random draws of a training step
+(train.py), the replan that integrates it (sample.py).
 """
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -45,9 +48,6 @@ class ActionDecoderConfig:
     mlp_ratio: float = 4.0
     rank: int = 1024          # R, the rank of the bilinear-affine time encoding
     adaln_lora: int = 128     # bottleneck of each sub-layer's modulation MLP
-    proprio_dropout: float = 0.2   # training only: the proprio token becomes a learned mask token
-    tau_a_alpha: float = 1.5  # tau_a ~ 0.001 + 0.999 Beta(alpha, beta): the paper's (1.5, 1); the release's (1, 1)
-    tau_a_beta: float = 1.0
     loss_weight: float = 10.0
     # > 0: a learned position embedding for up to this many video tokens, added to the normalised states. Not in the
     # release, whose cross-attention sees the video tokens as an unordered set: a RoPE-only video model's states
@@ -63,10 +63,6 @@ class ActionDecoderConfig:
             raise ValueError(f"ActionDecoderConfig.context_tokens must be an integer >= 0, got {self.context_tokens!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} does not split into {self.heads} heads")
-        if not 0 <= self.proprio_dropout <= 1:
-            raise ValueError(f"proprio_dropout must lie in [0, 1], got {self.proprio_dropout}")
-        if self.tau_a_alpha <= 0 or self.tau_a_beta <= 0:
-            raise ValueError(f"tau_a Beta parameters must be > 0, got {self.tau_a_alpha}, {self.tau_a_beta}")
 
 
 PRESETS = {
@@ -295,26 +291,14 @@ class ActionDecoder(nn.Module):
         return self.velocity(self.video_keys_values(video_states), tau_v, proprio, noisy_actions, tau_a,
                              drop_proprio=drop_proprio)
 
-    def loss(self, video_states, tau_v, proprio, actions, generator=None, *, tau_a=None, eps=None,
-             drop_proprio=None, reduce=True):
-        """loss_weight * MSE(v_theta(x_tau_a), eps - x0), x_tau_a = (1 - tau_a) actions + tau_a eps,
-        tau_a ~ 0.001 + 0.999 Beta(alpha, beta); in training mode the proprio token is dropped with
-        probability proprio_dropout. generator: a CPU torch.Generator for tau_a, eps and the dropout, each drawn
-        unless given (data-parallel training draws them for the whole batch and hands every process its rows).
-        reduce=False: one loss per sample, (B,)."""
-        cfg = self.cfg
-        B = actions.shape[0]
-        if tau_a is None:
-            tau_a = flow.sample_tau_action(B, cfg.tau_a_alpha, cfg.tau_a_beta, generator)
-        if eps is None:
-            eps = torch.randn(actions.shape, generator=generator)
-        if drop_proprio is None and self.training:
-            drop_proprio = torch.rand(B, generator=generator) < cfg.proprio_dropout
-        tau_a, eps = tau_a.to(actions.device), eps.to(actions)
-        drop = drop_proprio.to(actions.device) if drop_proprio is not None else None
-        v = self(video_states, tau_v, proprio, flow.interpolate(actions, eps, tau_a), tau_a, drop_proprio=drop)
-        per_sample = (v.float() - flow.velocity_target(actions, eps).float()).pow(2).mean(dim=(1, 2))
-        return cfg.loss_weight * (per_sample.mean() if reduce else per_sample)
+    def loss(self, video_states, tau_v, proprio, actions, tau_a, eps, drop_proprio=None):
+        """Per-sample loss_weight * MSE(v_theta(x_tau_a), eps - x0) with x_tau_a = (1 - tau_a) actions + tau_a eps, (B,).
+
+        The caller draws the step's randomness (train.py draws all of a step's at once): tau_a (B,), in training
+        0.001 + 0.999 Beta(1.5, 1) (flow.sample_tau_action); eps like actions; drop_proprio (B,) bool, the samples
+        whose proprio token is replaced by the mask token (the release drops 20%)."""
+        v = self(video_states, tau_v, proprio, flow.interpolate(actions, eps, tau_a), tau_a, drop_proprio=drop_proprio)
+        return self.cfg.loss_weight * (v.float() - flow.velocity_target(actions, eps).float()).pow(2).mean(dim=(1, 2))
 
     @torch.no_grad()
     def sample(self, video_states, tau_v, proprio, steps=10, generator=None):
@@ -324,7 +308,7 @@ class ActionDecoder(nn.Module):
         cfg = self.cfg
         eps = torch.randn((video_states.shape[0], cfg.H_a, cfg.action_dim), generator=generator)
         eps = eps.to(device=video_states.device, dtype=self.pos.dtype)
-        return flow.euler(lambda x, tau_a: self.velocity(video_kv, tau_v, proprio, x, tau_a), eps, 1.0, 0.0, steps)
+        return flow.euler(functools.partial(self.velocity, video_kv, tau_v, proprio), eps, 1.0, 0.0, steps)
 
 
 def _per_sample(tau, B, name, device):

@@ -1,5 +1,6 @@
-"""Robot data for training: the project's on-disk dataset format, the training-window loader, and the two frozen
-stand-ins every dataset goes through on its way into the models (a "latent" video tokenizer and a text encoder).
+"""Robot data for training: the project's on-disk dataset format, the training-window loader, and the value ranges
+that models normalise by. Not here: the frozen encoders that turn frames and instructions into the models' inputs
+(encoders.py).
 
 The format is not tied to the built-in world: any source (another simulator, a robot's logs) converted into it can
 be trained on. A dataset is a directory:
@@ -33,13 +34,14 @@ names the file at fault.
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
+
+import checkpoints
 
 FORMAT = "mimic-video-episodes"
 VERSION = 1
@@ -128,7 +130,9 @@ def _write_shard(root, episodes, manifest):
                "actions": np.concatenate([ep.actions for ep in episodes]).astype(np.float32),
                "lengths": np.array([len(ep.actions) for ep in episodes], dtype=np.int64)}
     # a single metadata entry: safetensors writes its metadata map in hash order, so two would vary run to run
-    save_file(tensors, root / name, metadata={"format": f"{FORMAT} {VERSION}"})
+    tmp = root / (name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": f"{FORMAT} {VERSION}"})
+    checkpoints.publish(tmp, root / name)   # the permissions of any new file, flushed, renamed into place
     blob = (root / name).read_bytes()
     manifest["shards"].append({"file": name, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
                                "episodes": len(episodes)})
@@ -153,6 +157,20 @@ def read_manifest(root):
     if missing:
         raise ValueError(f"{path} lacks the keys {missing}")
     return manifest
+
+
+class Normalizer:
+    """Maps each dimension's [low, high] range (a manifest's proprio_range or action_range) onto [-1, 1] and back."""
+
+    def __init__(self, ranges):
+        r = torch.tensor(ranges, dtype=torch.float32)   # (dims, 2)
+        self.low, self.span = r[:, 0], (r[:, 1] - r[:, 0]).clamp(min=1e-8)
+
+    def __call__(self, x):
+        return 2 * (x - self.low) / self.span - 1
+
+    def inverse(self, y):
+        return (y + 1) / 2 * self.span + self.low
 
 
 class Dataset:
@@ -216,6 +234,18 @@ def _read_shard(path, entry, lengths, manifest):
         raise ValueError(f"shard {path}: episode lengths {tensors['lengths'].tolist()} differ from the "
                          f"manifest's {lengths}")
     return tensors
+
+
+def split_by_task(tasks, share):
+    """(training episodes, held-out episodes): the last round(share * n) of each task's n episodes are held out
+    (at least one where share > 0 and the task has two or more), so no task is left out of training or testing."""
+    held_out = []
+    for task in dict.fromkeys(tasks):
+        ids = [e for e, t in enumerate(tasks) if t == task]
+        n = min(len(ids) - 1, max(1, round(share * len(ids)))) if share > 0 else 0
+        held_out += ids[len(ids) - n:] if n else []
+    held_out = np.array(sorted(held_out), dtype=np.int64)
+    return np.setdiff1d(np.arange(len(tasks)), held_out), held_out
 
 # ----------------------------------------------------------------------------- training windows
 
@@ -294,85 +324,3 @@ class Windows:
         return {"frames": torch.from_numpy(frames), "proprio": torch.from_numpy(d.proprio[f0[:, 0] + t]),
                 "actions": actions, "text": torch.from_numpy(self.text[e]),
                 "episode": torch.from_numpy(e), "t": torch.from_numpy(t)}
-
-# ----------------------------------------------------------------------------- the "latent" tokenizer stand-in
-
-
-class SpaceToDepth:
-    """Stand-in for the video VAE (Cosmos-Predict2 uses Wan2.1's, 16 channels, 8x smaller): a fixed, exactly
-    invertible, parameter-free map from frames to "latents" shaped as the video DiT expects them, one latent frame
-    per frame:
-
-        z[b, c f^2 + i f + j, t, y, x] = frame[b, t, f y + i, f x + j, c] / 127.5 - 1        (values in [-1, 1])
-    """
-
-    def __init__(self, factor=2):
-        self.f = factor
-
-    def channels(self, frame_channels=3):
-        return frame_channels * self.f ** 2
-
-    def encode(self, frames):
-        """(B, T, H, W, C) uint8 -> (B, C f^2, T, H / f, W / f) float32."""
-        if frames.dtype != torch.uint8 or frames.ndim != 5:
-            raise ValueError(f"frames must be (B, T, H, W, C) uint8, got {tuple(frames.shape)} {frames.dtype}")
-        B, T, H, W, C = frames.shape
-        f = self.f
-        if H % f or W % f:
-            raise ValueError(f"frame size {H}x{W} is not divisible by the space-to-depth factor {f}")
-        x = frames.float() / 127.5 - 1
-        x = x.view(B, T, H // f, f, W // f, f, C).permute(0, 6, 3, 5, 1, 2, 4)   # (B, C, i, j, T, y, x)
-        return x.reshape(B, C * f * f, T, H // f, W // f)
-
-    def decode(self, latents, frame_channels=3):
-        """(B, C f^2, T, h, w) float -> (B, T, h f, w f, C) uint8; decode(encode(x)) == x exactly."""
-        B, Cff, T, h, w = latents.shape
-        f, C = self.f, frame_channels
-        if Cff != C * f * f:
-            raise ValueError(f"latents have {Cff} channels, expected {C} x {f}^2 = {C * f * f}")
-        x = latents.reshape(B, C, f, f, T, h, w).permute(0, 4, 5, 2, 6, 3, 1)    # (B, T, y, i, x, j, C)
-        x = ((x.float() + 1) * 127.5).round().clamp(0, 255)
-        return x.to(torch.uint8).reshape(B, T, h * f, w * f, C)
-
-# ----------------------------------------------------------------------------- the text-encoder stand-in
-
-
-class TextEncoder:
-    """Stand-in for the frozen T5 encoder (no download): an instruction becomes (L, D) float32 "encoder states",
-    one row per word, zero past the last word, as T5 states past the prompt are.
-
-        state_i = w(word_i) + 0.5 pos(i)
-
-    w(word) is a fixed pseudo-random vector with entries uniform in [-sqrt(3), sqrt(3)] (unit variance), read from
-    the SHAKE-256 hash of the word: stable across machines, numpy versions and runs, and every word gets one, even
-    one never seen. pos(i) = [sin(i / 10000^(2k/D)), cos(i / 10000^(2k/D))]_k is the Transformer's position code;
-    without it "stack the red block on the blue block" and "... blue ... on the red ..." would be the same set of
-    rows. Words are the lower-cased runs of letters and digits.
-    """
-
-    def __init__(self, length=16, dim=64):
-        if dim % 2 or dim < 2 or length < 1:
-            raise ValueError(f"text encoder needs length >= 1 and an even dim >= 2, got {length}, {dim}")
-        self.length, self.dim = length, dim
-        k = np.arange(dim // 2)
-        angle = np.arange(length)[:, None] / 10000 ** (2 * k / dim)
-        self.pos = np.concatenate([np.sin(angle), np.cos(angle)], axis=1)          # (L, D)
-        self.words = {}
-
-    def word(self, w):
-        if w not in self.words:
-            raw = np.frombuffer(hashlib.shake_256(w.encode()).digest(4 * self.dim), dtype="<u4")
-            self.words[w] = (raw / 2.0**32 * 2 - 1) * math.sqrt(3)
-        return self.words[w]
-
-    def __call__(self, instructions):
-        """list of N strings -> (N, L, D) float32."""
-        out = np.zeros((len(instructions), self.length, self.dim))
-        for n, text in enumerate(instructions):
-            words = re.findall(r"[a-z0-9]+", text.lower())
-            if len(words) > self.length:
-                raise ValueError(f"instruction {text!r} has {len(words)} words; the text encoder holds "
-                                 f"{self.length} (raise its length)")
-            for i, w in enumerate(words):
-                out[n, i] = self.word(w) + 0.5 * self.pos[i]
-        return torch.from_numpy(out.astype(np.float32))

@@ -10,6 +10,9 @@ partially, 1 -> tau_v; the action flow fully, 1 -> 0. Both are the same `euler` 
 
 Cosmos-Predict2 was trained in the EDM language (noise level sigma); its rectified-flow form has
 tau = sigma / (1 + sigma), so NVIDIA's sampler schedule maps onto tau_v.
+
+Not here: any network. The video model and the action decoder (video_model.py, action_decoder.py) predict v;
+training and inference (train.py, sample.py) call these functions.
 """
 import math
 

@@ -11,72 +11,84 @@ One replan (the paper's inference, Sec. "Inference" of ../shared/reference/mimic
     python sample.py --out out/world                      # evaluate the run in out/world, 25 episodes per task
     python sample.py --out out/world --gif plan.gif       # rollouts with the planned actions and the visual plan
     python sample.py --out out/world --bench              # latency of one replan: video pass vs action integration
+
+Not here: training (train.py), the evaluation harness (evaluation.py, which drives any environment with this policy).
 """
 import argparse
-import json
+import functools
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import checkpoints
 import data
+import encoders
 import flow
 from action_decoder import ActionDecoder, ActionDecoderConfig
 from video_model import VideoDiT, VideoDiTConfig
 
 
-class Normalizer:
-    """Maps each dimension's [low, high] range (from the dataset's manifest) onto [-1, 1] and back."""
-
-    def __init__(self, ranges):
-        r = torch.tensor(ranges, dtype=torch.float32)   # (dims, 2)
-        self.low, self.span = r[:, 0], (r[:, 1] - r[:, 0]).clamp(min=1e-8)
-
-    def __call__(self, x):
-        return 2 * (x - self.low) / self.span - 1
-
-    def inverse(self, y):
-        return (y + 1) / 2 * self.span + self.low
-
-
 class VAMPolicy:
-    """act_batch(frames (N, H_o, H, W, C) uint8, instructions [N], proprio (N, P)) -> action chunks (N, H_a, A).
+    """act_batch(frames (N, H_o, H, W, C) uint8, instructions [N], proprio (N, P)) -> action chunks (N, H_a, A),
+    in the dataset's units; act(frames (H_o, H, W, C), instruction, proprio (P,)) -> (H_a, A) for one episode.
 
-    Any harness that can hand over the last H_o camera frames, the instruction and the proprioception can call it
-    (the built-in world's evaluator does, via act_batch; act() serves one episode at a time).
+    `run` describes what the models were trained on (train.run_meta, stored with the checkpoints): the window (H_o,
+    H_a, strides), the frame shape, the proprio and action ranges, the encoders, and the default inference settings
+    (k, tau_v, steps), which keyword arguments override. Inputs are checked against it at the door.
     """
 
-    def __init__(self, video, decoder, spec, stats, *, k, tau_v=1.0, video_steps=10, action_steps=10,
-                 tokenizer_factor=2, text_length=16, seed=0):
-        if not 0 < tau_v <= 1:
-            raise ValueError(f"tau_v must lie in (0, 1], got {tau_v}")
-        self.video, self.decoder = video.eval(), decoder.eval()
-        self.spec, self.k, self.tau_v = spec, k, tau_v
-        self.video_steps = 0 if tau_v == 1 else video_steps   # 1 -> 1 integrates nothing
-        self.action_steps = action_steps
-        self.tokenizer = data.SpaceToDepth(tokenizer_factor)
-        self.text_encoder = data.TextEncoder(text_length, video.cfg.text_dim)
-        self.proprio_norm, self.action_norm = Normalizer(stats["proprio_range"]), Normalizer(stats["action_range"])
+    def __init__(self, video, decoder, run, *, k=None, tau_v=None, video_steps=None, action_steps=None, seed=0):
+        self.video, self.decoder, self.run = video.eval(), decoder.eval(), run
+        self.spec = data.WindowSpec(**run["window"])
+        self.k = run["k"] if k is None else k
+        self.tau_v = run["tau_v"] if tau_v is None else tau_v
+        if not 0 < self.tau_v <= 1:
+            raise ValueError(f"tau_v must lie in (0, 1], got {self.tau_v}")
+        self.video_steps = 0 if self.tau_v == 1 else video_steps or run["video_steps"]   # 1 -> 1 integrates nothing
+        self.action_steps = action_steps or run["action_steps"]
+        self.frame_shape = tuple(run["frame_shape"])
+        self.tokenizer = encoders.SpaceToDepth(run["tokenizer_factor"])
+        self.text_encoder = encoders.TextEncoder(run["text_length"], video.cfg.text_dim)
+        self.proprio_norm, self.action_norm = data.Normalizer(run["proprio_range"]), data.Normalizer(run["action_range"])
         self.generator = torch.Generator().manual_seed(seed)
         self.device = next(decoder.parameters()).device
+
+    def _start(self, frames, instructions):
+        """Step 1 and the noise of step 2: (the video velocity given this context and text, the noise on all
+        H_o + F latent frames, the text states, the context latents)."""
+        frames = np.asarray(frames)
+        H_o = self.spec.history
+        if frames.ndim != 5 or frames.shape[1:] != (H_o, *self.frame_shape) or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be (N, H_o, H, W, C) = (N, {H_o}, {', '.join(map(str, self.frame_shape))}) "
+                             f"uint8: this run was trained on the last H_o = {H_o} frames of "
+                             f"{'x'.join(map(str, self.frame_shape))}; got {frames.shape} {frames.dtype}")
+        if len(instructions) != len(frames):
+            raise ValueError(f"{len(frames)} frame histories but {len(instructions)} instructions")
+        context = self.tokenizer.encode(torch.as_tensor(frames)).to(self.device)   # (N, C, H_o, h, w)
+        text = self.text_encoder(list(instructions)).to(self.device)
+        N, C, _, h, w = context.shape
+        noise = torch.randn((N, C, H_o + self.spec.future, h, w), generator=self.generator).to(self.device)
+        velocity = functools.partial(self.video.video2world_velocity, text=text, context=context, n_cond=H_o)
+        return velocity, noise, text, context
 
     @torch.no_grad()
     def plan(self, frames, instructions):
         """Steps 1-3: the layer-k video states (N, T*h*w, width) and the partially denoised latents x_tau_v."""
-        context = self.tokenizer.encode(torch.as_tensor(np.asarray(frames))).to(self.device)   # (N, C, H_o, h, w)
-        text = self.text_encoder(list(instructions)).to(self.device)
-        N, C, H_o, h, w = context.shape
-        noise = torch.randn((N, C, H_o + self.spec.future, h, w), generator=self.generator).to(self.device)
-        velocity = lambda x, tau: self.video.video2world_velocity(x, tau, text, context, H_o)   # noqa: E731
+        velocity, noise, text, context = self._start(frames, instructions)
         x = flow.euler(velocity, noise, 1.0, self.tau_v, self.video_steps)
-        return self.video.video2world_hidden_states(x, self.tau_v, text, context, H_o, self.k), x
+        return self.video.video2world_hidden_states(x, self.tau_v, text, context, self.spec.history, self.k), x
 
     @torch.no_grad()
     def act_batch(self, frames, instructions, proprio):
+        proprio = torch.as_tensor(np.asarray(proprio), dtype=torch.float32)
+        if proprio.shape != (len(frames), self.decoder.cfg.proprio_dim):
+            raise ValueError(f"proprio must be (N, P) = ({len(frames)}, {self.decoder.cfg.proprio_dim}): this run was "
+                             f"trained on {self.decoder.cfg.proprio_dim}-D proprioception; got {tuple(proprio.shape)}")
         states, _ = self.plan(frames, instructions)
-        proprio = self.proprio_norm(torch.as_tensor(np.asarray(proprio), dtype=torch.float32)).to(self.device)
-        actions = self.decoder.sample(states, self.tau_v, proprio, self.action_steps, self.generator)
+        actions = self.decoder.sample(states, self.tau_v, self.proprio_norm(proprio).to(self.device),
+                                      self.action_steps, self.generator)
         return self.action_norm.inverse(actions.float().cpu()).numpy()
 
     def act(self, frames, instruction, proprio):
@@ -86,49 +98,22 @@ class VAMPolicy:
     def imagine(self, frames, instructions, steps=20):
         """The video model's fully denoised future (1 -> 0), decoded to frames (N, F, H, W, C) uint8: what the
         visual plan would look like if the flow were integrated all the way."""
-        context = self.tokenizer.encode(torch.as_tensor(np.asarray(frames))).to(self.device)
-        text = self.text_encoder(list(instructions)).to(self.device)
-        N, C, H_o, h, w = context.shape
-        noise = torch.randn((N, C, H_o + self.spec.future, h, w), generator=self.generator).to(self.device)
-        velocity = lambda x, tau: self.video.video2world_velocity(x, tau, text, context, H_o)   # noqa: E731
+        velocity, noise, _, _ = self._start(frames, instructions)
         x0 = flow.euler(velocity, noise, 1.0, 0.0, steps)
-        return self.tokenizer.decode(x0[:, :, H_o:].clamp(-1, 1).cpu()).numpy()
+        return self.tokenizer.decode(x0[:, :, self.spec.history:].clamp(-1, 1).cpu()).numpy()
 
     @classmethod
     def load(cls, out_dir, device="cpu", **overrides):
-        """The policy of a finished train.py run: its video model and action decoder checkpoints in out_dir."""
+        """(policy, metadata) of a finished train.py run: its video and action checkpoints in out_dir."""
         out_dir = Path(out_dir)
-        video, video_meta = load_model(out_dir / "video.safetensors", VideoDiT, VideoDiTConfig, device)
-        decoder, meta = load_model(out_dir / "action.safetensors", ActionDecoder, ActionDecoderConfig, device)
-        run = meta["run"]
-        spec = data.WindowSpec(**run["window"])
-        kwargs = dict(k=run["k"], tokenizer_factor=run["tokenizer_factor"], text_length=run["text_length"],
-                      tau_v=run["tau_v"], action_steps=run["action_steps"])
-        kwargs.update({key: v for key, v in overrides.items() if v is not None})
-        return cls(video, decoder, spec, meta["stats"], **kwargs), meta
-
-
-def load_model(path, model_class, config_class, device="cpu"):
-    """A model written by train.py's save_model: weights plus, in the safetensors metadata, its config and the run's."""
-    from safetensors import SafetensorError, safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint (has train.py finished this stage?)")
-    try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("mimic_video", "null"))
-            if meta is None:
-                raise ValueError(f"{path}: not a train.py checkpoint (no 'mimic_video' metadata)")
-            state = {name: f.get_tensor(name).clone() for name in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a valid safetensors file (truncated, or another format): {e}") from None
-    cfg = config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
-    model = model_class(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the config stored with them: {e}") from None
-    return model.to(device), meta
+        for name in ("video", "action"):
+            if not (out_dir / f"{name}.safetensors").is_file():
+                raise FileNotFoundError(f"{out_dir / name}.safetensors: no such checkpoint (has train.py finished "
+                                        f"that stage?)")
+        video, _ = checkpoints.load_model(out_dir / "video.safetensors", VideoDiT, VideoDiTConfig, device)
+        decoder, meta = checkpoints.load_model(out_dir / "action.safetensors", ActionDecoder, ActionDecoderConfig,
+                                               device)
+        return cls(video, decoder, meta["run"], **overrides), meta
 
 
 def bench(policy, frames, instructions, proprio, repeats=5):
@@ -151,7 +136,7 @@ def main(argv=None):
     p.add_argument("--out", default="out/world", help="the train.py run directory (video and action checkpoints)")
     p.add_argument("--episodes", type=int, default=25, help="held-out episodes per task")
     p.add_argument("--tau-v", type=float, default=None, help="video flow time to stop at (1: no video steps)")
-    p.add_argument("--video-steps", type=int, default=10, help="Euler steps from 1 to tau_v when tau_v < 1")
+    p.add_argument("--video-steps", type=int, default=None, help="Euler steps from 1 to tau_v when tau_v < 1")
     p.add_argument("--k", type=int, default=None, help="video block whose states the decoder reads (default: "
                    "the one it was trained on; another k is only meaningful for a decoder trained on it)")
     p.add_argument("--action-steps", type=int, default=None, help="Euler steps of the action flow")
@@ -160,20 +145,23 @@ def main(argv=None):
     p.add_argument("--bench", action="store_true", help="print the latency of one replan and exit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-
-    policy, meta = VAMPolicy.load(args.out, args.device, tau_v=args.tau_v, k=args.k, action_steps=args.action_steps,
-                                  video_steps=args.video_steps)
+    try:
+        policy, meta = VAMPolicy.load(args.out, args.device, tau_v=args.tau_v, k=args.k, video_steps=args.video_steps,
+                                      action_steps=args.action_steps)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     run = meta["run"]
     if policy.k != run["k"]:
         print(f"note: the decoder was trained on layer {run['k']}; reading layer {policy.k} instead")
-    replan = args.replan or run["replan"]
-    tasks = run.get("tasks")
-    if not tasks:
-        raise SystemExit(f"{args.out} was trained on a dataset without a built-in world environment; "
-                         f"train.py reported its held-out action error instead")
+    replan = run["replan"] if args.replan is None else args.replan
+    if not 1 <= replan <= policy.decoder.cfg.H_a:
+        raise SystemExit(f"--replan must lie in 1 .. {policy.decoder.cfg.H_a} (the chunk), got {replan}")
+    if not run.get("tasks"):
+        raise SystemExit(f"{args.out} was trained on a dataset without a built-in world environment: evaluate it in "
+                         f"its own environment with evaluation.evaluate (its docstring gives the interface)")
     cfg = world.WorldConfig(**run["world_config"])
     if args.bench:
-        env = world.World(tasks[0], cfg)
+        env = world.World(run["tasks"][0], cfg)
         obs, _ = env.reset(world.EVAL_SEED_BASE)
         frames = np.stack([obs["frame"]] * policy.spec.history)[None]
         video_s, action_s = bench(policy, frames, [obs["instruction"]], obs["proprio"][None])
@@ -183,9 +171,9 @@ def main(argv=None):
               f"{(video_s + action_s) * 1e3:.1f} ms")
         return
     start = time.perf_counter()
-    result = world.evaluate(policy, tasks, args.episodes, replan_every=replan, history=policy.spec.history,
-                            history_stride=policy.spec.history_stride, config=cfg, gif_path=args.gif,
-                            imagine=policy.imagine if args.gif else None)
+    result = world.evaluate(policy, run["tasks"], args.episodes, cfg, gif_path=args.gif,
+                            imagine=policy.imagine if args.gif else None, replan_every=replan,
+                            history=policy.spec.history, history_stride=policy.spec.history_stride)
     print(result.summary())
     print(f"({time.perf_counter() - start:.1f} s)")
 

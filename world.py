@@ -1,5 +1,5 @@
 """The built-in tabletop world: a 2-D top-down table, a gripper, three blocks and a pad, four families of language
-goals, a scripted expert, dataset generation and closed-loop evaluation. Pure numpy; deterministic given a seed.
+goals, rendering, and its binding to the evaluation harness (evaluation.py). Pure numpy; deterministic given a seed.
 
 It plays the part of LIBERO-Goal at a size a 2-core CPU can learn in minutes: every episode draws the same kind of
 scene, and only the instruction says what to do with it, so a policy that ignores the instruction fails most tasks.
@@ -17,20 +17,17 @@ Mechanics, one control step with action a = (dx, dy, g):
 
 Observations: {"frame": (S, S, 3) uint8, "proprio": (x, y, +1 closed / -1 open) float32, "instruction": str}.
 Proprio and actions both live in [-1, 1]: a model needs no further normalisation.
+
+Not here: its scripted expert, the datasets made with it and the reference policies (expert.py), the evaluation
+harness (evaluation.py).
 """
-import argparse
-import copy
+import functools
 import math
-import tempfile
-import time
-import zlib
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-import data
+import evaluation
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -268,410 +265,31 @@ def render(world):
     return np.round(img).astype(np.uint8)
 
 
-# ----------------------------------------------------------------------------- the scripted expert
+# ----------------------------------------------------------------------------- evaluation
 
 
-class Expert:
-    """A privileged scripted policy: it reads the world's state, not its frames.
-
-    Demonstrations vary: each episode draws a speed, where on the pad (or the lower block) to put the block down,
-    and, for every leg of the motion, possibly a via-point off the straight line; far from a target the motion gets
-    a little noise. Near a target it is exact, so it grasps and places precisely.
-    """
-    SPEED = (0.7, 1.0)    # range of the per-episode speed, in action units
-    VIA_PROB = 0.7        # chance that a leg longer than 0.4 bends through a via-point
-    VIA_SPREAD = 0.3      # sideways offset of the via-point: std, in units of the leg's length
-    NOISE = 0.15          # std of the action noise more than 3 steps from a target
-
-    def __init__(self, task, seed, config=WorldConfig()):
-        self.task, self.cfg = TASKS[task], config
-        self.rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
-        self.speed = self.rng.uniform(*self.SPEED)
-        self.place_offset = self.rng.uniform(-0.5, 0.5, 2) * config.pad_half
-        self.stack_offset = self.rng.uniform(-0.4, 0.4, 2) * config.block_half
-        self.leg, self.via = None, None
-
-    def act(self, world):
-        task, cfg = self.task, self.cfg
-        b = world.blocks[task.block]
-        if world.held not in (-1, task.block):
-            return self._gripper(-1.0)                        # holding the wrong block: put it down
-        if world.held == task.block:
-            if task.family == "pick":
-                return self._gripper(1.0)                     # done: hold on
-            if task.family == "push":
-                return self._gripper(-1.0)                    # pushing, not carrying
-            dest = (world.pad + self.place_offset if task.family == "place"
-                    else world.blocks[task.other] + self.stack_offset)
-            return self._go(world, "carry", dest - world.offset)
-        if task.family == "push":
-            g = world.gripper
-            if world.closed and g[0] > b[0] + 0.1 and abs(g[1] - b[1]) < 0.1:
-                # lined up behind the block: shove it left, steering onto its row
-                return np.array([-self.speed, np.clip((b[1] - g[1]) / cfg.max_step, -0.5, 0.5), 1.0])
-            if world.closed:
-                return self._gripper(-1.0)                    # lost contact: lift, and go round again
-            return self._go(world, "behind", b + [push_start(cfg), 0.0])
-        if world.closed:
-            return self._gripper(-1.0)                        # closed on nothing: open before reaching
-        return self._go(world, "reach", b)
-
-    @staticmethod
-    def _gripper(command):
-        return np.array([0.0, 0.0, command])
-
-    def _go(self, world, leg, target):
-        """Move towards `target` keeping the gripper as it is; once there, flip it (grasp, or put down)."""
-        cfg, p = self.cfg, world.gripper
-        target = np.clip(target, -cfg.gripper_limit, cfg.gripper_limit)
-        grip = 1.0 if world.closed else -1.0
-        if leg != self.leg:
-            self.leg, self.via = leg, self._via_point(p, target)
-        if self.via is not None and np.linalg.norm(self.via - p) < self.speed * cfg.max_step:
-            self.via = None
-        delta = ((target if self.via is None else self.via) - p) / cfg.max_step   # in action units
-        dist = np.linalg.norm(delta)
-        if dist < 1e-6:
-            return self._gripper(-grip)
-        move = delta * min(1.0, self.speed / dist)
-        if dist > 3:                                          # far from the target: a little noise
-            move = move + self.rng.normal(0, self.NOISE, 2)
-        return np.array([*np.clip(move, -1, 1), grip])
-
-    def _via_point(self, start, target):
-        """Sometimes (VIA_PROB), a point between start and target, off the straight line."""
-        dist = np.linalg.norm(target - start)
-        if dist < 0.4 or self.rng.random() >= self.VIA_PROB:
-            return None
-        along = (target - start) / dist
-        normal = np.array([-along[1], along[0]])
-        via = start + along * dist * self.rng.uniform(0.3, 0.7) + normal * dist * self.rng.normal(0, self.VIA_SPREAD)
-        return np.clip(via, -0.85, 0.85)
-
-# ----------------------------------------------------------------------------- demonstrations and datasets
-
-DESCRIPTION = ("built-in tabletop world (world.py). frames: top-down RGB of the table [-1, 1]^2. proprio: gripper "
-               "x, y in table units, gripper state +1 closed / -1 open. action: dx, dy in units of max_step, the "
-               "gripper's target relative to its current position (p' = p + max_step * clip(a, -1, 1)), then a "
-               "gripper command (> 0 close, <= 0 open).")
+def make_env(config=WorldConfig()):
+    """make_env(task) -> World(task, config), what evaluation.evaluate builds its environments with."""
+    return functools.partial(World, config=config)
 
 
-def demonstrate(task, seed, config=WorldConfig()):
-    """One expert episode on the scene `seed`: (data.Episode, whether it succeeded)."""
-    world, expert = World(task, config), Expert(task, seed, config)
-    obs, info = world.reset(seed)
-    frames, proprio, actions = [obs["frame"]], [obs["proprio"]], []
-    while not world.done:
-        a = np.clip(expert.act(world), -1, 1)
-        obs, _, _, _, info = world.step(a)
-        frames.append(obs["frame"]), proprio.append(obs["proprio"]), actions.append(a)
-    episode = data.Episode(np.stack(frames), np.stack(proprio), np.array(actions, dtype=np.float32),
-                           world.task.instruction, task, {"seed": int(seed)})
-    return episode, info["success"]
+def evaluate(policy, tasks=TASK_SETS["goal4"], episodes_per_task=25, config=WorldConfig(), gif_path=None, **kwargs):
+    """evaluation.evaluate in this world, on held-out scenes (seeds from EVAL_SEED_BASE, which generated datasets
+    never use), the planned gripper path drawn over the GIF's frames."""
+    return evaluation.evaluate(policy, make_env(config), tasks, episodes_per_task, seed_base=EVAL_SEED_BASE,
+                               gif_path=gif_path, overlay=functools.partial(draw_plan, config=config), **kwargs)
 
 
-def generate_dataset(root, tasks=TASK_SETS["goal4"], episodes_per_task=100, seed=0, config=WorldConfig(),
-                     episodes_per_shard=100):
-    """Write `episodes_per_task` successful expert demonstrations of each task to `root` (data.py's format).
-
-    Every episode has its own scene (seeds drawn from `seed`, all below EVAL_SEED_BASE, so never an evaluation
-    scene): a policy has to generalise to new tables, and distinct tables teach it more than the same tables shown
-    under several instructions. The rare scene the expert fails on is skipped. Same arguments, same bytes.
-    """
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}; known tasks: {', '.join(TASKS)}")
-    rng = np.random.default_rng(seed)
-
-    def episodes():
-        for task in tasks:
-            kept = 0
-            for scene in rng.integers(0, EVAL_SEED_BASE, size=2 * episodes_per_task + 10):
-                if kept == episodes_per_task:
-                    break
-                episode, success = demonstrate(task, int(scene), config)
-                if success:
-                    kept += 1
-                    yield episode
-            if kept < episodes_per_task:
-                raise RuntimeError(f"the expert failed {task} on too many scenes ({kept} successes)")
-
-    return data.write_dataset(
-        root, episodes(), control_hz=config.control_hz, proprio_range=[[-1, 1]] * 3, action_range=[[-1, 1]] * 3,
-        action_pad=["zero", "zero", "hold"], description=DESCRIPTION, episodes_per_shard=episodes_per_shard,
-        source={"generator": "world.generate_dataset", "tasks": list(tasks), "episodes_per_task": episodes_per_task,
-                "seed": seed, "config": asdict(config)})
-
-# ----------------------------------------------------------------------------- policies for reference
-
-
-class RandomPolicy:
-    """Uniformly random actions: the floor a learned policy has to beat."""
-
-    def __init__(self, horizon=16, seed=0):
-        self.horizon, self.rng = horizon, np.random.default_rng(seed)
-
-    def act_batch(self, frames, instructions, proprio):
-        return self.rng.uniform(-1, 1, (len(frames), self.horizon, 3))
-
-
-class ExpertPolicy:
-    """The scripted expert behind the chunking policy interface: the ceiling, and a check of the evaluation loop.
-
-    It is privileged: `rollout` hands it the worlds it runs (bind), its rows are their unfinished episodes in order,
-    and it plans each chunk by running the expert on a copy of the world. It keeps the expert as it was after each
-    planned step, so that however many of the chunk's actions were executed, the next plan continues from there.
-
-    With `tasks` it is instruction-blind: each episode follows the expert of a task drawn from `tasks` (by its
-    scene seed) instead of its own, a competent policy that ignores the instruction.
-    """
-
-    def __init__(self, horizon=16, tasks=None):
-        self.horizon, self.tasks = horizon, tasks
-
-    def bind(self, worlds):
-        self.worlds = worlds
-        self.plans = {}    # world index -> (step the plan started at, the expert after 0, 1, ... of its actions)
-
-    def _expert(self, world):
-        task = world.task_name
-        if self.tasks:
-            task = self.tasks[np.random.default_rng([world.seed, 1]).integers(len(self.tasks))]
-        return Expert(task, world.seed, world.cfg)
-
-    def act_batch(self, frames, instructions, proprio):
-        chunks = []
-        for i, world in enumerate(self.worlds):
-            if world.done:
-                continue
-            if world.t == 0:
-                self.plans[i] = (0, [self._expert(world)])
-            start, experts = self.plans[i]
-            sim, expert = copy.deepcopy(world), copy.deepcopy(experts[world.t - start])
-            actions, experts = [], [copy.deepcopy(expert)]
-            for _ in range(self.horizon):
-                a = np.clip(expert.act(sim), -1, 1) if not sim.done else np.array([0, 0, actions[-1][2]])
-                if not sim.done:
-                    sim.step(a)
-                actions.append(a), experts.append(copy.deepcopy(expert))
-            self.plans[i] = (world.t, experts)
-            chunks.append(actions)
-        return np.array(chunks)
-
-# ----------------------------------------------------------------------------- closed-loop evaluation
-
-
-def rollout(policy, worlds, seeds, replan_every=4, history=1, history_stride=1, record=()):
-    """One episode in each world, all in lockstep: every `replan_every` steps the policy plans a chunk for all
-    unfinished episodes at once, and each executes its chunk's first `replan_every` actions.
-
-    The policy offers act_batch(frames (N, H_o, S, S, 3) uint8, instructions [N], proprio (N, 3)) -> (N, >= r, 3),
-    or else act(frames (H_o, S, S, 3), instruction, proprio (3,)) -> (>= r, 3); the H_o frames are the last ones
-    with stride history_stride, padded at the start as data.Windows pads them.
-    A privileged policy (ExpertPolicy) is first handed the worlds through its bind(worlds).
-    Returns per world {"success", "steps"}, plus, for the worlds listed in `record`, "frames", "plans" (for each
-    step, the proprio and the rest of the chunk in force) and "contexts" (the history frames of each replan).
-    """
-    if hasattr(policy, "bind"):
-        policy.bind(worlds)
-    results = []
-    for world, seed in zip(worlds, seeds):
-        obs, _ = world.reset(seed)
-        results.append({"success": False, "steps": 0, "frames": [obs["frame"]], "proprio": obs["proprio"],
-                        "plans": [], "contexts": []})
-    while not all(w.done for w in worlds):
-        active = [i for i, w in enumerate(worlds) if not w.done]
-        frames = np.stack([np.stack([results[i]["frames"][j] for j in
-                                     data.history_indices(worlds[i].t, history, history_stride)]) for i in active])
-        proprio = np.stack([results[i]["proprio"] for i in active])
-        instructions = [worlds[i].task.instruction for i in active]
-        chunks = _plan(policy, frames, instructions, proprio)
-        if chunks.ndim != 3 or chunks.shape[0] != len(active) or chunks.shape[1] < replan_every or chunks.shape[2] != 3:
-            raise ValueError(f"the policy returned chunks of shape {chunks.shape}; expected ({len(active)}, "
-                             f">= {replan_every} (replan_every), 3)")
-        for n, (i, chunk) in enumerate(zip(active, chunks)):
-            r = results[i]
-            if i in record:
-                r["contexts"].append(frames[n])
-            for k, a in enumerate(chunk[:replan_every]):
-                if i in record:
-                    r["plans"].append((r["proprio"], chunk[k:]))
-                obs, _, _, _, info = worlds[i].step(a)
-                r["frames"].append(obs["frame"])
-                r["proprio"], r["success"], r["steps"] = obs["proprio"], info["success"], worlds[i].t
-                if worlds[i].done:
-                    break
-    for i, r in enumerate(results):
-        if i not in record:
-            del r["frames"], r["plans"], r["contexts"]
-        del r["proprio"]
-    return results
-
-
-def _plan(policy, frames, instructions, proprio):
-    if hasattr(policy, "act_batch"):
-        return np.asarray(policy.act_batch(frames, instructions, proprio), dtype=np.float64)
-    return np.stack([np.asarray(policy.act(f, s, p), dtype=np.float64)
-                     for f, s, p in zip(frames, instructions, proprio)])
-
-
-def wilson_interval(successes, n, z=1.96):
-    """The Wilson score interval of a success rate (95% for z = 1.96): unlike p +- z sqrt(p (1 - p) / n) it stays
-    inside [0, 1] and is not empty at 0 or n successes.
-
-        center = (p + z^2 / 2n) / (1 + z^2 / n),   half = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n)
-    """
-    if n == 0:
-        return 0.0, 1.0
-    p, zz = successes / n, z * z
-    center = (p + zz / (2 * n)) / (1 + zz / n)
-    half = z * math.sqrt(p * (1 - p) / n + zz / (4 * n * n)) / (1 + zz / n)
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-@dataclass
-class EvalResult:
-    successes: dict    # task -> successful episodes
-    episodes: dict     # task -> episodes run
-    mean_steps: dict   # task -> mean episode length (control steps)
-
-    @property
-    def mean(self):
-        """Success over all episodes; with equal episodes per task, the mean of the per-task rates."""
-        return sum(self.successes.values()) / sum(self.episodes.values())
-
-    @property
-    def interval(self):
-        return wilson_interval(sum(self.successes.values()), sum(self.episodes.values()))
-
-    def summary(self):
-        lines = []
-        for task, n in self.episodes.items():
-            k = self.successes[task]
-            lo, hi = wilson_interval(k, n)
-            lines.append(f"{task:22s} {k:4d}/{n:<4d} = {k / n:6.1%}  95% CI [{lo:.1%}, {hi:.1%}]  "
-                         f"mean length {self.mean_steps[task]:.1f}")
-        lo, hi = self.interval
-        lines.append(f"{'mean':22s} {sum(self.successes.values()):4d}/{sum(self.episodes.values()):<4d} = "
-                     f"{self.mean:6.1%}  95% CI [{lo:.1%}, {hi:.1%}]")
-        return "\n".join(lines)
-
-    def to_json(self):
-        return {"mean": self.mean, "interval": list(self.interval),
-                "tasks": {t: {"successes": self.successes[t], "episodes": n, "rate": self.successes[t] / n,
-                              "interval": list(wilson_interval(self.successes[t], n)),
-                              "mean_steps": self.mean_steps[t]} for t, n in self.episodes.items()}}
-
-
-def evaluate(policy, tasks=TASK_SETS["goal4"], episodes_per_task=25, *, replan_every=4, history=1,
-             history_stride=1, config=WorldConfig(), seed_base=EVAL_SEED_BASE, gif_path=None, gif_tasks=4,
-             imagine=None):
-    """Closed-loop success of `policy` on `episodes_per_task` held-out scenes (seeds seed_base, seed_base + 1, ...;
-    generated datasets never use seeds >= EVAL_SEED_BASE), all episodes of all tasks run in one lockstep batch.
-    Optionally writes a GIF of the first episode of each of the first `gif_tasks` tasks; with
-    imagine(frames (N, H_o, S, S, 3), instructions) -> future frames (N, F, S, S, 3), each replan's imagined future
-    is shown under its episode (a video model's "visual plan")."""
-    names = [t for t in tasks for _ in range(episodes_per_task)]
-    worlds = [World(t, config) for t in names]
-    seeds = [seed_base + j for _ in tasks for j in range(episodes_per_task)]
-    record = [k * episodes_per_task for k in range(min(gif_tasks, len(tasks)))] if gif_path else []
-    results = rollout(policy, worlds, seeds, replan_every, history, history_stride, record)
-    if gif_path:
-        episodes = [dict(results[i], instruction=worlds[i].task.instruction) for i in record]
-        if imagine is not None:
-            for ep in episodes:
-                ep["imagined"] = imagine(np.stack(ep["contexts"]), [ep["instruction"]] * len(ep["contexts"]))
-        save_gif(gif_path, episodes, config, replan_every=replan_every)
-    by_task = {t: [r for n, r in zip(names, results) if n == t] for t in tasks}
-    return EvalResult({t: int(sum(r["success"] for r in rs)) for t, rs in by_task.items()},
-                      {t: len(rs) for t, rs in by_task.items()},
-                      {t: float(np.mean([r["steps"] for r in rs])) for t, rs in by_task.items()})
-
-# ----------------------------------------------------------------------------- GIFs
-
-
-def save_gif(path, episodes, config=WorldConfig(), scale=8, ms_per_step=120, replan_every=4):
-    """Episodes side by side, frames scaled up, the plan in force drawn over them: the gripper's planned path
-    (cyan where the chunk keeps it open, magenta where closed); a green or red frame once an episode has succeeded
-    or failed. `episodes` are rollout records with an "instruction" added, and optionally "imagined": per replan,
-    the predicted future frames (F, S, S, 3), drawn as a strip under the episode while that plan is in force."""
-    s = config.frame_size * scale
-    caption = 14
-    imagined = [ep["imagined"] for ep in episodes if "imagined" in ep]
-    strip = s // len(imagined[0][0]) if imagined else 0      # F future frames side by side
-    length = max(len(ep["frames"]) for ep in episodes) + 5      # hold the end a moment
-
+def draw_plan(draw, proprio, chunk, size, top, config=WorldConfig()):
+    """The gripper's path under the rest of a chunk, on a frame drawn at (0, top) with side `size`: a line from
+    where it is, a dot per planned step, cyan where the chunk keeps the gripper open and magenta where closed."""
     def pixel(xy):
-        return (xy[0] + 1) / 2 * s, (1 - xy[1]) / 2 * s + caption
+        return (xy[0] + 1) / 2 * size, (1 - xy[1]) / 2 * size + top
 
-    images = []
-    for t in range(length):
-        canvas = Image.new("RGB", (s * len(episodes), s + caption + strip))
-        for n, ep in enumerate(episodes):
-            tile = Image.new("RGB", (s, s + caption + strip))
-            if strip and t < len(ep["plans"]):
-                future = ep["imagined"][t // replan_every]               # (F, S, S, 3)
-                w = s // len(future)
-                for j, f in enumerate(future):
-                    tile.paste(Image.fromarray(f).resize((w, w), Image.NEAREST), (j * w, s + caption))
-            frame = ep["frames"][min(t, len(ep["frames"]) - 1)]
-            tile.paste(Image.fromarray(frame).resize((s, s), Image.NEAREST), (0, caption))
-            draw = ImageDraw.Draw(tile)
-            draw.text((2, 1), ep["instruction"], fill=(255, 255, 255))
-            if t < len(ep["plans"]):
-                proprio, chunk = ep["plans"][t]
-                route = [np.asarray(proprio[:2], dtype=np.float64)]
-                for a in np.clip(chunk, -1, 1):
-                    route.append(np.clip(route[-1] + config.max_step * a[:2], -config.gripper_limit,
-                                         config.gripper_limit))
-                points = [pixel(p) for p in route]
-                draw.line(points, fill=(0, 255, 255), width=1)
-                for p, a in zip(points[1:], chunk):
-                    draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2],
-                                 fill=(255, 0, 255) if a[2] > 0 else (0, 255, 255))
-            elif t >= len(ep["frames"]) - 1:
-                draw.rectangle([0, caption, s - 1, s + caption - 1], outline=(0, 255, 0) if ep["success"]
-                               else (255, 0, 0), width=3)
-            canvas.paste(tile, (n * s, 0))
-        images.append(canvas)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=ms_per_step, loop=0)
-
-
-# ----------------------------------------------------------------------------- measuring the world
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Measure the built-in world: success of the expert, of an "
-                                "instruction-blind expert and of random actions per task; dataset generation time "
-                                "and size; writes a GIF of the expert and a frame.")
-    p.add_argument("--tasks", default="goal4", choices=TASK_SETS, help="task set")
-    p.add_argument("--episodes", type=int, default=100, help="held-out episodes per task")
-    p.add_argument("--data-episodes", type=int, default=100, help="demonstrations per task in the timed dataset")
-    p.add_argument("--out", default="out/world", help="where the GIF and the frame go")
-    args = p.parse_args(argv)
-    tasks, out = TASK_SETS[args.tasks], Path(args.out)
-    policies = {"expert": ExpertPolicy(), "instruction-blind expert": ExpertPolicy(tasks=tasks),
-                "random actions": RandomPolicy()}
-    for name, policy in policies.items():
-        start = time.perf_counter()
-        gif = out / "expert.gif" if name == "expert" else None
-        result = evaluate(policy, tasks, args.episodes, gif_path=gif)
-        print(f"{name} ({args.episodes} episodes per task, {time.perf_counter() - start:.1f} s):")
-        print(result.summary())
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        manifest = generate_dataset(Path(tmp) / "data", tasks, args.data_episodes)
-        seconds = time.perf_counter() - start
-        size = sum(s["bytes"] for s in manifest["shards"])
-        steps = sum(ep["length"] for ep in manifest["episodes"])
-        print(f"dataset: {len(manifest['episodes'])} episodes, {steps} steps, {size / 1e6:.1f} MB in "
-              f"{len(manifest['shards'])} shards, generated in {seconds:.1f} s")
-    world = World(tasks[-1])
-    world.reset(EVAL_SEED_BASE)
-    Image.fromarray(world.render()).resize((256, 256), Image.NEAREST).save(out / "frame.png")
-    print(f"wrote {out / 'expert.gif'} and {out / 'frame.png'}")
-
-
-if __name__ == "__main__":
-    main()
+    route = [np.asarray(proprio[:2], dtype=np.float64)]
+    for a in np.clip(chunk, -1, 1):
+        route.append(np.clip(route[-1] + config.max_step * a[:2], -config.gripper_limit, config.gripper_limit))
+    points = [pixel(p) for p in route]
+    draw.line(points, fill=(0, 255, 255), width=1)
+    for p, a in zip(points[1:], chunk):
+        draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(255, 0, 255) if a[2] > 0 else (0, 255, 255))

@@ -9,36 +9,37 @@ import sys
 import torch
 import torch.distributed as dist
 
+import config
 import data
+import encoders
 import train
-from sample import Normalizer
 
 world_data, out_file = sys.argv[1], sys.argv[2]
-cfg, _ = train.parse_args(["--preset", "smoke", "--world_data", world_data])
-rank, world_size, device = train.setup(cfg)
-assert world_size == 2, "run me with torchrun --nproc_per_node 2"
-dataset, spec, windows, _, _ = train.load_data(cfg, rank, world_size)
-tokenizer = data.SpaceToDepth(cfg.tokenizer_factor)
-norms = (Normalizer(dataset.manifest["proprio_range"]), Normalizer(dataset.manifest["action_range"]))
+cfg, _ = config.parse_args(["--preset", "smoke", "--world_data", world_data])
+rt = train.setup(cfg)
+assert rt.world_size == 2, "run me with torchrun --nproc_per_node 2"
+run = train.load_data(cfg, rt)
+tokenizer = encoders.SpaceToDepth(cfg.tokenizer_factor)
+norms = (data.Normalizer(run.dataset.manifest["proprio_range"]), data.Normalizer(run.dataset.manifest["action_range"]))
 torch.manual_seed(0)
-video = train.build_video(cfg, dataset, device)
-decoder = train.build_decoder(cfg, dataset, video)
+video = train.build_video(cfg, run.dataset, rt.device)
+decoder = train.build_decoder(cfg, run.dataset, video)
 with torch.no_grad():   # move off the zero-initialised layers, so that every parameter gets a gradient
     for p in list(video.parameters()) + list(decoder.parameters()):
         p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
 
 
-def gradients(stage, ctx):
+def gradients(stage, runtime):
     g = train.step_generator(cfg.seed, stage, 0)
     if stage == "video":
         module = video.requires_grad_(True)
-        loss = train.video_loss(video, train.video_batch(g, windows, tokenizer, cfg.video.batch_size, ctx),
-                                spec.history)[0]
+        batch = runtime.rows(train.draw_video_batch(g, run.windows, tokenizer, cfg.video.batch_size))
+        loss = train.video_loss(video, batch, run.spec.history)[0]
     else:
         module = decoder
         video.requires_grad_(False)
-        batch = train.action_batch(g, windows, tokenizer, norms, cfg.action, decoder.cfg, ctx)
-        loss = train.action_loss(video, decoder, batch, spec.history, cfg.action.k)[0]
+        batch = runtime.rows(train.draw_action_batch(g, run.windows, tokenizer, norms, cfg.action))
+        loss = train.action_loss(video, decoder, batch, run.spec.history, cfg.action.k)[0]
     params = [p for p in module.parameters() if p.requires_grad]
     module.zero_grad(set_to_none=True)
     loss.backward()
@@ -47,14 +48,14 @@ def gradients(stage, ctx):
 
 worst, largest, count = 0.0, 0.0, 0
 for stage in ("video", "action"):
-    single = [p.grad.clone() for p in gradients(stage, {"rank": 0, "world_size": 1, "device": device})]
-    params = gradients(stage, {"rank": rank, "world_size": world_size, "device": device})
-    train.average_gradients(params, world_size)
+    single = [p.grad.clone() for p in gradients(stage, train.Runtime(0, 1, rt.device))]
+    params = gradients(stage, rt)
+    train.average_gradients(params, rt.world_size)
     for p, ref in zip(params, single):
         worst = max(worst, (p.grad - ref).abs().max().item())
         largest = max(largest, ref.abs().max().item())
         count += 1
-if rank == 0:
+if rt.rank == 0:
     with open(out_file, "w") as f:
         json.dump({"max_abs_diff": worst, "max_abs_grad": largest, "parameters": count}, f)
 dist.destroy_process_group()

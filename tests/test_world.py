@@ -1,12 +1,10 @@
-"""The built-in world: determinism, mechanics, success checks, the expert, datasets, closed-loop evaluation."""
+"""The built-in world: determinism, mechanics, rendering, success checks (its expert: test_expert.py)."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from PIL import Image
 
-import data
 import world
-from world import TASKS, TASK_SETS, World, WorldConfig
+from world import TASKS, World, WorldConfig
 
 CFG = WorldConfig()
 
@@ -227,118 +225,3 @@ def test_success_checks_on_hand_built_states():
     w.z[2] = 1
     w.blocks[2] = w.blocks[0] + [CFG.block_half + 0.01, 0]
     assert not w.success()
-
-# ----------------------------------------------------------------------------- the expert
-
-
-def test_expert_succeeds_on_every_task():
-    episodes = 30
-    failures = {}
-    for task in TASKS:
-        ok = sum(world.demonstrate(task, seed)[1] for seed in range(1000, 1000 + episodes))
-        failures[task] = episodes - ok
-    assert sum(failures.values()) <= 0.02 * episodes * len(TASKS), failures
-    assert max(failures.values()) <= 2, failures
-
-
-def test_expert_paths_vary_on_the_same_scene():
-    runs = []
-    for expert_seed in (11, 12):
-        w, e = scene("place_red", seed=5), world.Expert("place_red", expert_seed)
-        actions = []
-        while not w.done:
-            actions.append(e.act(w))
-            w.step(actions[-1])
-        assert w.success()
-        runs.append(np.array(actions))
-    assert len(runs[0]) != len(runs[1]) or np.abs(runs[0] - runs[1]).max() > 0.1
-
-# ----------------------------------------------------------------------------- datasets
-
-
-def test_generated_dataset_is_reproducible_and_replays(tmp_path):
-    tasks = ("pick_green", "push_blue")
-    m1 = world.generate_dataset(tmp_path / "a", tasks, episodes_per_task=3, seed=4, episodes_per_shard=4)
-    world.generate_dataset(tmp_path / "b", tasks, episodes_per_task=3, seed=4, episodes_per_shard=4)
-    world.generate_dataset(tmp_path / "c", tasks, episodes_per_task=3, seed=5, episodes_per_shard=4)
-    for name in ["manifest.json"] + [s["file"] for s in m1["shards"]]:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    assert (tmp_path / "a" / "manifest.json").read_bytes() != (tmp_path / "c" / "manifest.json").read_bytes()
-    ds = data.Dataset(tmp_path / "a")
-    assert ds.tasks == ["pick_green"] * 3 + ["push_blue"] * 3
-    assert ds.manifest["source"]["config"] == world.asdict(CFG)
-    for e in range(len(ds)):
-        ep = ds.episode(e)
-        assert ep.info["seed"] < world.EVAL_SEED_BASE
-        frames, proprio = play(ep.task, ep.info["seed"], ep.actions)   # the stored actions replay the episode
-        np.testing.assert_array_equal(frames, ep.frames)
-        np.testing.assert_allclose(proprio, ep.proprio, atol=1e-6)
-        assert ep.instruction == TASKS[ep.task].instruction
-
-# ----------------------------------------------------------------------------- closed-loop evaluation
-
-
-def test_wilson_interval_pinned_values():
-    z2 = 1.96**2
-    # at 0 and n successes the interval closes to [0, z^2 / (n + z^2)] and [n / (n + z^2), 1]
-    np.testing.assert_allclose(world.wilson_interval(0, 10), (0.0, z2 / (10 + z2)), rtol=1e-12)
-    np.testing.assert_allclose(world.wilson_interval(10, 10), (10 / (10 + z2), 1.0), rtol=1e-12)
-    # 5 of 10, by hand: centre 1/2, half width 1.96 sqrt(0.025 + z^2 / 400) / (1 + z^2 / 10) = 0.263410
-    np.testing.assert_allclose(world.wilson_interval(5, 10), (0.236590, 0.763410), atol=1e-6)
-    np.testing.assert_allclose(world.wilson_interval(81, 100), (0.72221, 0.87485), atol=1e-5)
-
-
-def test_evaluation_of_the_expert_random_and_instruction_blind(tmp_path):
-    expert = world.evaluate(world.ExpertPolicy(horizon=8), episodes_per_task=8, replan_every=5,
-                            gif_path=tmp_path / "expert.gif")
-    assert expert.mean >= 0.97, expert.summary()
-    assert set(expert.episodes.values()) == {8}
-    blind = world.evaluate(world.ExpertPolicy(horizon=4, tasks=TASK_SETS["goal4"]), episodes_per_task=8)
-    assert blind.mean <= 0.6, blind.summary()
-    rand = world.evaluate(world.RandomPolicy(), episodes_per_task=20)
-    assert rand.mean <= 0.05, rand.summary()
-    assert all(s == CFG.time_limit for s in rand.mean_steps.values())
-    gif = Image.open(tmp_path / "expert.gif")
-    assert gif.size == (4 * 8 * CFG.frame_size, 8 * CFG.frame_size + 14)
-    assert gif.n_frames >= max(expert.mean_steps.values()) + 5
-
-
-class Recorder:
-    """A per-episode (act) policy that always moves right, recording what it is shown."""
-
-    def __init__(self):
-        self.seen = []
-
-    def act(self, frames, instruction, proprio):
-        self.seen.append((frames, instruction, proprio))
-        return np.tile([1.0, 0.0, -1.0], (6, 1))
-
-
-def test_rollout_shows_the_policy_strided_history_and_replans_every_r():
-    policy, r = Recorder(), 3
-    worlds = [World("push_blue")]
-    result = world.rollout(policy, worlds, [9], replan_every=r, history=3, history_stride=2)[0]
-    assert result["steps"] == CFG.time_limit and not result["success"]
-    assert len(policy.seen) == -(-CFG.time_limit // r)
-    frames, _ = play("push_blue", 9, [[1.0, 0.0, -1.0]] * CFG.time_limit)
-    for call, (shown, instruction, proprio) in enumerate(policy.seen):
-        t = call * r
-        idx = np.maximum([t - 4, t - 2, t], 0)                   # same padding as data.Windows
-        np.testing.assert_array_equal(shown, frames[idx])
-        assert instruction == "push the blue block to the left edge"
-        assert proprio[2] == -1
-
-
-def test_rollout_rejects_short_chunks():
-    class Short:
-        def act_batch(self, frames, instructions, proprio):
-            return np.zeros((len(frames), 2, 3))
-    with pytest.raises(ValueError, match=r"expected \(2, >= 4 \(replan_every\), 3\)"):
-        world.rollout(Short(), [World("pick_green"), World("place_red")], [0, 0], replan_every=4)
-
-
-def test_measurement_cli_runs(tmp_path, capsys):
-    world.main(["--episodes", "2", "--data-episodes", "2", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "expert (2 episodes per task" in out and "dataset: 8 episodes" in out
-    assert (tmp_path / "expert.gif").is_file() and Image.open(tmp_path / "frame.png").size == (256, 256)

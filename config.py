@@ -1,0 +1,221 @@
+"""The configuration of a train.py run: small dataclasses, named presets, and their command line.
+
+Every field can be set as --field or --section.field (typed, listed by `python train.py --help`), on top of a
+preset. check() refuses what can be known to fail before anything is trained; what needs the dataset or a
+pretrained checkpoint is checked by train.py as soon as those are loaded, still before stage 1.
+
+Not here: what the fields do (train.py, sample.py), the models' own configs (video_model.py, action_decoder.py).
+"""
+import argparse
+import copy
+from dataclasses import dataclass, field, fields
+
+import action_decoder
+import video_model
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Optim:
+    """One stage's AdamW settings."""
+    steps: int = arg(1000, "optimiser steps")
+    batch_size: int = arg(32, "global batch size (all processes together)")
+    lr: float = arg(1e-3, "peak learning rate")
+    warmup: int = arg(50, "linear warm-up steps")
+    schedule: str = arg("cosine", "after warm-up: constant | linear (to 0) | cosine (to 0)")
+    weight_decay: float = arg(0.0, "AdamW weight decay (matrices only)")
+    grad_clip: float = arg(1.0, "gradient norm clip")
+
+
+@dataclass
+class VideoStage(Optim):
+    model: str = arg("tiny", "video model preset (video_model.PRESETS)")
+    pretrained: str = arg("", "Cosmos checkpoint (folder, safetensors file or Hub id) to LoRA-adapt; "
+                              "empty: train the preset from scratch")
+    lora_rank: int = arg(256, "LoRA rank (with --video.pretrained)")
+    lora_alpha: float = arg(32.0, "LoRA alpha (with --video.pretrained)")
+    patch: int = arg(2, "spatial patch size of the video model (scratch training only)")
+    heads: int = arg(0, "attention heads, i.e. width / head_dim (scratch training only; 0: the preset's)")
+    layers: int = arg(0, "blocks (scratch training only; 0: the preset's)")
+
+
+@dataclass
+class ActionStage(Optim):
+    model: str = arg("tiny", "action decoder preset (action_decoder.PRESETS)")
+    k: int = arg(3, "video block whose hidden states the decoder reads (0-based; the paper: 19 of 28)")
+    tau_v: str = arg("uniform", "tau_v of the training examples: 'uniform' on (0, 1], or a fixed value")
+    positions: bool = arg(True, "learned positions of the video tokens in the decoder's cross-attention (not in "
+                                "the release; without them a plain table leaves the decoder unable to tell where "
+                                "a token is)")
+    tau_a_alpha: float = arg(1.5, "tau_a ~ 0.001 + 0.999 Beta(alpha, beta): the paper's 1.5, the release's 1")
+    tau_a_beta: float = arg(1.0, "tau_a ~ 0.001 + 0.999 Beta(alpha, beta)")
+    proprio_dropout: float = arg(0.2, "share of training examples whose proprio token is the learned mask token")
+
+
+@dataclass
+class EvalStage:
+    episodes: int = arg(30, "held-out episodes per task (built-in world)")
+    replan: int = arg(4, "actions executed from each chunk before replanning (at most H_a)")
+    tau_v: float = arg(1.0, "video flow time to stop at (1: a single pass on noise, no video steps)")
+    video_steps: int = arg(10, "Euler steps from 1 to tau_v when tau_v < 1")
+    action_steps: int = arg(10, "Euler steps of the action flow")
+    gif: bool = arg(True, "write rollouts.gif next to the checkpoints")
+
+
+@dataclass
+class Config:
+    data: str = arg("", "dataset folder (data.py format); empty: the built-in world's, kept in --world_data")
+    world_data: str = arg("data/world", "the built-in world's dataset folder; generated there if absent")
+    out: str = arg("out/world", "run folder: checkpoints, results.json, GIF")
+    seed: int = arg(0, "seed of initialisation, batches and noise")
+    device: str = arg("auto", "auto | cpu | cuda")
+    threads: int = arg(0, "torch CPU threads (0: torch's default)")
+    world_episodes: int = arg(100, "demonstrations per task when generating the built-in world's dataset")
+    history: int = arg(2, "H_o: history frames (context latent frames)")
+    history_stride: int = arg(1, "control steps between history frames")
+    horizon: int = arg(16, "H_a: actions per chunk")
+    future_stride: int = arg(4, "control steps between predicted future frames")
+    future_frames: int = arg(0, "predicted future frames (0: enough to cover the action chunk, ceil(H_a / stride))")
+    tokenizer_factor: int = arg(4, "space-to-depth factor of the latent stand-in (latent channels 3 f^2); frames "
+                                   "must divide by it times the patch size")
+    text_length: int = arg(16, "words the text-encoder stand-in holds")
+    holdout: float = arg(0.1, "share of each task's episodes held out for the action error (datasets without a "
+                              "world; 0: none)")
+    log_every: int = arg(100, "steps between log lines")
+    ckpt_every: int = arg(500, "steps between resumable checkpoints")
+    video: VideoStage = field(default_factory=VideoStage)
+    action: ActionStage = field(default_factory=ActionStage)
+    eval: EvalStage = field(default_factory=EvalStage)
+
+
+def world_preset(video_steps, action_steps):
+    """The built-in world (32x32 frames: 4x4 tokens per frame with the stand-in's factor 4 and patch 2): a
+    256-wide, 4-block video DiT predicting frames t+8 and t+16; the decoder reads block 2 at tau_v = 1, the only
+    tau_v the policy uses."""
+    return Config(horizon=8, future_stride=8, future_frames=2,
+                  video=VideoStage(heads=8, layers=4, steps=video_steps, batch_size=32, lr=1e-3, warmup=50,
+                                   schedule="cosine", weight_decay=0.0, grad_clip=1.0),
+                  action=ActionStage(k=2, tau_v="1.0", steps=action_steps, batch_size=64, lr=1e-3, warmup=100,
+                                     schedule="linear", weight_decay=0.1, grad_clip=10.0),
+                  eval=EvalStage(episodes=50))
+
+
+PRESETS = {
+    # python train.py: the built-in world on a 2-core CPU in about 15 minutes
+    "world": world_preset(video_steps=1000, action_steps=1200),
+    # the same, trained longer (about 36 minutes)
+    "world-long": world_preset(video_steps=2000, action_steps=3000),
+    # seconds: checks that everything runs (tests)
+    "smoke": Config(world_episodes=4, log_every=2, ckpt_every=2,
+                    video=VideoStage(steps=4, batch_size=8, warmup=1),
+                    action=ActionStage(k=1, steps=4, batch_size=8, warmup=1, schedule="linear", weight_decay=0.1,
+                                       grad_clip=10.0),
+                    eval=EvalStage(episodes=2, gif=False)),
+    # the paper's recipe (GPUs): Cosmos-Predict2 2B + LoRA, the release's decoder and optimiser settings.
+    # Needs datasets whose latents match the 2B's 16 channels, i.e. the Wan2.1 VAE, which is not part of this project.
+    "cosmos-2b": Config(
+        out="out/cosmos-2b", history=5, horizon=15, tokenizer_factor=8, text_length=512,
+        video=VideoStage(model="cosmos-predict2-2b", pretrained="nvidia/Cosmos-Predict2-2B-Video2World",
+                         steps=10000, batch_size=32, lr=1.778e-4, warmup=0, schedule="constant", grad_clip=1.0),
+        action=ActionStage(model="mimic-video", k=19, positions=False, tau_a_alpha=1.5, steps=14112, batch_size=256,
+                           lr=1e-4, warmup=1000, schedule="linear", weight_decay=0.1, grad_clip=10.0)),
+}
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def parse_args(argv=None, description=None):
+    """(Config, resume): a preset, then any field overridden as --field or --section.field, typed."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="world", choices=sorted(PRESETS), help="named configuration (default world)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoints")
+    defaults = PRESETS["world"]
+    for name, f, default in leaves(defaults):
+        p.add_argument(f"--{name}", type=_parser(f.type, name), default=None, metavar=f.type.__name__.upper(),
+                       help=f"{f.metadata['help']} (world: {default})")
+    args = p.parse_args(argv)
+    cfg = copy.deepcopy(PRESETS[args.preset])
+    for name, _, _ in leaves(defaults):
+        value = getattr(args, name)
+        if value is not None:
+            *path, leaf = name.split(".")
+            section = cfg
+            for part in path:
+                section = getattr(section, part)
+            setattr(section, leaf, value)
+    problems = check(cfg)
+    if problems:
+        raise SystemExit("bad configuration:\n  " + "\n  ".join(problems))
+    return cfg, args.resume
+
+
+def leaves(cfg, prefix=""):
+    """(dotted name, dataclass field, value) of every setting."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if hasattr(value, "__dataclass_fields__"):
+            yield from leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f, value
+
+
+def _parser(kind, name):
+    if kind is bool:
+        def parse_bool(s):
+            if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise argparse.ArgumentTypeError(f"--{name} takes true or false, got {s!r}")
+            return s.lower() in ("true", "1", "yes")
+        return parse_bool
+    return kind
+
+# ----------------------------------------------------------------------------- checks
+
+
+POSITIVE = ("history", "history_stride", "horizon", "future_stride", "tokenizer_factor", "text_length", "log_every",
+            "ckpt_every", "world_episodes", "video.batch_size", "video.patch", "video.lora_rank", "action.batch_size",
+            "eval.episodes", "eval.replan", "eval.video_steps", "eval.action_steps")
+
+
+def check(cfg):
+    """Every problem with a configuration that can be known before any data or checkpoint is read."""
+    values = {name: value for name, _, value in leaves(cfg)}
+    problems = [f"--{name} must be >= 0, got {value}" for name, f, value in leaves(cfg)
+                if f.type in (int, float) and name != "seed" and value < 0]
+    problems += [f"--{name} must be >= 1, got {values[name]}" for name in POSITIVE if 0 <= values[name] < 1]
+    for stage in ("video", "action"):
+        s = getattr(cfg, stage)
+        if s.schedule not in ("constant", "linear", "cosine"):
+            problems.append(f"--{stage}.schedule must be constant, linear or cosine, got {s.schedule!r}")
+    if cfg.video.model not in video_model.PRESETS:
+        problems.append(f"--video.model must be one of {sorted(video_model.PRESETS)}, got {cfg.video.model!r}")
+    if cfg.action.model not in action_decoder.PRESETS:
+        problems.append(f"--action.model must be one of {sorted(action_decoder.PRESETS)}, got {cfg.action.model!r}")
+    elif not cfg.video.pretrained and cfg.video.model in video_model.PRESETS:   # a pretrained model's depth: later
+        layers = cfg.video.layers or video_model.PRESETS[cfg.video.model].num_layers
+        if not 0 <= cfg.action.k < layers:
+            problems.append(f"--action.k must name one of the video model's blocks, 0 .. {layers - 1} "
+                            f"(--video.layers {layers}), got {cfg.action.k}")
+    if cfg.action.tau_v != "uniform":
+        try:
+            ok = 0 < float(cfg.action.tau_v) <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            problems.append(f"--action.tau_v must be 'uniform' or a number in (0, 1], got {cfg.action.tau_v!r}")
+    if not 0 <= cfg.action.proprio_dropout <= 1:
+        problems.append(f"--action.proprio_dropout must lie in [0, 1], got {cfg.action.proprio_dropout}")
+    if not 0 <= cfg.holdout < 1:
+        problems.append(f"--holdout must lie in [0, 1), got {cfg.holdout}")
+    if cfg.action.tau_a_alpha <= 0 or cfg.action.tau_a_beta <= 0:
+        problems.append("--action.tau_a_alpha and --action.tau_a_beta must be > 0")
+    if not 0 < cfg.eval.tau_v <= 1:
+        problems.append(f"--eval.tau_v must lie in (0, 1], got {cfg.eval.tau_v}")
+    if cfg.eval.replan > cfg.horizon:
+        problems.append(f"--eval.replan {cfg.eval.replan} is longer than the chunk it executes (--horizon "
+                        f"{cfg.horizon})")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    return problems
