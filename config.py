@@ -110,7 +110,7 @@ PRESETS = {
     "world-long": world_preset(video_steps=2000, action_steps=3000),
     # seconds: checks that everything runs (tests)
     "smoke": Config(world_episodes=4, log_every=2, ckpt_every=2,
-                    video=VideoStage(steps=4, batch_size=8, warmup=1),
+                    video=VideoStage(layers=2, steps=4, batch_size=8, warmup=1),
                     action=ActionStage(k=1, steps=4, batch_size=8, warmup=1, schedule="linear", weight_decay=0.1,
                                        grad_clip=10.0),
                     eval=EvalStage(episodes=2, gif=False)),

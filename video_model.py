@@ -79,6 +79,9 @@ class LoRALinear(nn.Linear):
     """A bias-free linear layer that can carry a low-rank adapter (stage 1):  y = W x + (alpha / r) B A x.
 
     Only the layers the paper adapts use this class; A is random and B zero, so a new adapter changes nothing.
+    The adapter is fp32 whatever the base weight's dtype (the public weights are bf16): its updates, and AdamW's
+    moments, would round away in bf16. Without autocast its branch computes in fp32 and is cast back to y's dtype;
+    under CUDA's bf16 autocast, F.linear casts it like every other matmul.
     """
 
     def __init__(self, d_in, d_out):
@@ -88,9 +91,9 @@ class LoRALinear(nn.Linear):
         self.lora_alpha = None
 
     def add_lora(self, rank, alpha):
-        w = self.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
+        device = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # nn.Linear's own init
         self.lora_alpha = alpha
 
@@ -99,7 +102,8 @@ class LoRALinear(nn.Linear):
         return self.lora_alpha / self.lora_A.shape[0]
 
     def fuse_lora(self):
-        """W <- W + (alpha / r) B A, then drop the adapter: the same function, at the base layer's cost."""
+        """W <- W + (alpha / r) B A in fp32, rounded once to W's dtype; then drop the adapter: the same function,
+        at the base layer's cost."""
         with torch.no_grad():
             delta = self.lora_B.float() @ self.lora_A.float()
             self.weight.copy_(self.weight.float() + self.lora_scale * delta)
@@ -108,7 +112,8 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         y = F.linear(x, self.weight)
         if self.lora_A is not None:
-            y = y + self.lora_scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+            low_rank = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+            y = y + (self.lora_scale * low_rank).to(y.dtype)
         return y
 
 

@@ -199,6 +199,32 @@ def test_lora_fuse_and_save_load(tiny, tmp_path):
         assert torch.allclose(model(*args), adapted, atol=1e-5)
 
 
+def test_lora_on_a_bf16_base_trains_fp32_adapters_and_fuses_with_one_rounding(tiny):
+    model, args = tiny
+    model.to(torch.bfloat16)
+    base = {n: p.clone() for n, p in model.state_dict().items()}
+    model.add_lora(rank=4, alpha=8)
+    adapters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert adapters and {p.dtype for p in adapters.values()} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if n not in adapters} == {torch.bfloat16}
+    opt = torch.optim.AdamW(adapters.values(), lr=1e-2)
+    for _ in range(3):   # a few steps: B moves off zero, then A gets a gradient too
+        opt.zero_grad()
+        model(*args).square().mean().backward()
+        opt.step()
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())   # AdamW's moments in fp32
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)   # the base never moves
+    with torch.no_grad():
+        unfused = model(*args)
+        layer = model.blocks[0].mlp.layer1
+        single_cast = (layer.weight.float() + layer.lora_scale * layer.lora_B @ layer.lora_A).to(torch.bfloat16)
+        model.fuse_lora()
+        assert torch.equal(layer.weight, single_cast) and layer.weight.dtype == torch.bfloat16
+        fused = model(*args)
+    # the fused model differs from the adapted one only by rounding each fused weight once to bf16 (2^-9 relative)
+    assert (fused - unfused).abs().max() <= 0.05 * unfused.abs().max()
+
+
 def test_bad_forward_inputs(model, inputs):
     x, tau, text, cond_mask = inputs.values()
     cases = [((x[:, :3], tau, text), r"x must be latents \(B, 16, T, H, W\)"),
