@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import kernels
 
@@ -285,6 +286,9 @@ class VideoDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.final = FinalLayer(cfg)
         self._rope_cache = {}   # (T, H', W', device) -> (cos, sin)
+        # activation checkpointing: keep only each block's input for the backward and recompute the rest (trades
+        # one more forward per block for memory: the 2B model's 19,200-token windows need it on one GPU)
+        self.checkpoint_blocks = False
         self._zero_init()
 
     def _zero_init(self):
@@ -332,7 +336,10 @@ class VideoDiT(nn.Module):
         rope = self._rope(T, H // p, W // p, x.device)
         text = text.to(dtype)
         for block in self.blocks[:n_blocks]:
-            h = block(h, text, silu_emb, temb, rope)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(block, h, text, silu_emb, temb, rope, use_reentrant=False)
+            else:
+                h = block(h, text, silu_emb, temb, rope)
         return h, silu_emb, temb
 
     def _rope(self, T, H, W, device):

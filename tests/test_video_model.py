@@ -199,6 +199,23 @@ def test_lora_fuse_and_save_load(tiny, tmp_path):
         assert torch.allclose(model(*args), adapted, atol=1e-5)
 
 
+def test_activation_checkpointing_gives_the_same_output_and_gradients(tiny):
+    model, args = tiny
+    model.add_lora(rank=4, alpha=8)
+    randomize(model, seed=6)   # B = 0 would leave A without a gradient
+    results = []
+    for checkpointing in (False, True):
+        model.checkpoint_blocks = checkpointing
+        model.zero_grad()
+        out = model(*args)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (out, grads), (out_ckpt, grads_ckpt) = results
+    assert torch.equal(out, out_ckpt) and grads.keys() == grads_ckpt.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_lora_on_a_bf16_base_trains_fp32_adapters_and_fuses_with_one_rounding(tiny):
     model, args = tiny
     model.to(torch.bfloat16)
