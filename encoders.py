@@ -4,7 +4,8 @@ them from one description (`build(spec)`, the spec recorded with every run and e
 
 The interface both kinds share:
     video encoder   encode(frames (B, T, H, W, C) uint8) -> latents (B, C_lat, latent_frames(T), h, w) float32
-                    decode(latents) -> frames uint8;  channels(frame_channels) -> C_lat;  latent_frames(T)
+                    decode(latents) -> frames uint8;  channels(frame_channels) -> C_lat;  latent_frames(T);
+                    latent_size(H, W) -> (h, w)
     text encoder    encoder(instructions [N]) -> states (N, L, D) float32, zero past each prompt;  .length L, .dim D
 
 Two kinds:
@@ -43,6 +44,9 @@ class SpaceToDepth:
 
     def latent_frames(self, T):
         return T
+
+    def latent_size(self, H, W):
+        return H // self.f, W // self.f
 
     def encode(self, frames):
         """(B, T, H, W, C) uint8 -> (B, C f^2, T, H / f, W / f) float32."""
@@ -143,6 +147,10 @@ class WanVAE:
         if frame_channels != 3:
             raise ValueError(f"the Wan VAE reads RGB frames, got {frame_channels} channels")
         return self.vae.config.z_dim
+
+    def latent_size(self, H, W):
+        h, w = self.size or (H, W)
+        return h // self.space_factor, w // self.space_factor
 
     def latent_frames(self, T):
         if (T - 1) % self.time_factor:

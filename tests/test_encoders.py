@@ -99,16 +99,13 @@ class NoSafetyChecker:
         return self
 
 
-def test_the_encoders_prepare_exactly_what_diffusers_cosmos_pipeline_feeds_its_transformer(cosmos_folder, real):
-    """diffusers' Cosmos2VideoToWorldPipeline, run on the same history frames (as PIL images of another size) and
-    prompt: the context latent frames and the text states its transformer receives equal ours. One departure,
-    named: the pipeline draws a posterior sample of the VAE, NVIDIA (and this project) take the posterior mean,
-    so the pipeline runs here with the mean (its retrieve_latents in "argmax" mode)."""
+def pipeline_inputs(cosmos_folder, frames, prompt, height, width, num_frames):
+    """What diffusers' Cosmos2VideoToWorldPipeline feeds its transformer at the first step for these history frames
+    (given as PIL images) and prompt: the transformer's keyword arguments. Run with the posterior mean (below)."""
     import diffusers.pipelines.cosmos.pipeline_cosmos2_video2world as cosmos_pipeline
     from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
     from PIL import Image
     from transformers import AutoTokenizer, T5EncoderModel
-    vae, t5 = real
     torch.manual_seed(0)
     transformer = CosmosTransformer3DModel(in_channels=17, out_channels=16, num_attention_heads=2,
                                            attention_head_dim=16, num_layers=1, text_embed_dim=1024,
@@ -122,13 +119,22 @@ def test_the_encoders_prepare_exactly_what_diffusers_cosmos_pipeline_feeds_its_t
         vae=AutoencoderKLWan.from_pretrained(cosmos_folder, subfolder="vae"),
         scheduler=FlowMatchEulerDiscreteScheduler(), safety_checker=NoSafetyChecker())
     pipe.set_progress_bar_config(disable=True)
-    frames = history_frames(5)
     mean = lambda output, generator=None, sample_mode=None: output.latent_dist.mode()   # noqa: E731
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cosmos_pipeline, "retrieve_latents", mean)
-        pipe(video=[Image.fromarray(f) for f in frames.numpy()], prompt=PROMPT, height=32, width=48,
-             num_frames=9, num_inference_steps=2, guidance_scale=1.0, fps=24, output_type="latent")
-    fed = seen[0]
+        pipe(video=[Image.fromarray(f) for f in frames.numpy()], prompt=prompt, height=height, width=width,
+             num_frames=num_frames, num_inference_steps=2, guidance_scale=1.0, fps=24, output_type="latent")
+    return seen[0]
+
+
+def test_the_encoders_prepare_exactly_what_diffusers_cosmos_pipeline_feeds_its_transformer(cosmos_folder, real):
+    """diffusers' Cosmos2VideoToWorldPipeline, run on the same history frames (as PIL images of another size) and
+    prompt: the context latent frames and the text states its transformer receives equal ours. One departure,
+    named: the pipeline draws a posterior sample of the VAE, NVIDIA (and this project) take the posterior mean,
+    so the pipeline runs here with the mean (its retrieve_latents in "argmax" mode)."""
+    vae, t5 = real
+    frames = history_frames(5)
+    fed = pipeline_inputs(cosmos_folder, frames, PROMPT, height=32, width=48, num_frames=9)
     n_cond = vae.latent_frames(5)                                   # (5 - 1) // 4 + 1 = 2 context latent frames
     assert fed["condition_mask"][0, 0, :, 0, 0].tolist() == [1.0] * n_cond + [0.0]
     ours = vae.encode(frames[None])                                 # (1, 16, 2, 4, 6)
