@@ -177,3 +177,20 @@ def test_a_vae_whose_channels_differ_from_the_video_model_is_refused_before_trai
         train.main(["--preset", "smoke", "--data", str(sources[1]), "--out", str(out), "--encoders", "cosmos",
                     "--encoder_source", str(cosmos8), "--video.pretrained", str(tmp_path / "dit"), *WINDOW_FLAGS])
     assert not list(out.glob("*.safetensors"))
+
+
+def test_train_can_run_the_real_encoders_itself_on_frames(sources, tmp_path):
+    """--encoders cosmos on a frame-format dataset: each batch's frames go through the VAE in training; the run's
+    metadata names those encoders and their context frames, and the policy acts through them."""
+    import sample
+    import train
+    _, frames, cosmos = sources
+    out = tmp_path / "run"
+    train.main(["--preset", "smoke", "--data", str(frames), "--out", str(out), "--holdout", "0.4", "--encoders",
+                "cosmos", "--encoder_source", str(cosmos), *WINDOW_FLAGS])
+    assert json.loads((out / "results.json").read_text())["held_out_episodes"] == 1
+    policy, meta = sample.VAMPolicy.load(out)
+    assert meta["run"]["encoders"] == encoders.cosmos_spec(str(cosmos))
+    assert (meta["run"]["context_frames"], meta["run"]["latent_frames"]) == (2, 3)
+    ep = data.Dataset(frames).episode(1)
+    assert policy.act(ep.frames[:5], ep.instruction, ep.proprio[4]).shape == (4, 3)
