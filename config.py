@@ -8,6 +8,7 @@ Not here: what the fields do (train.py, sample.py), the models' own configs (vid
 """
 import argparse
 import copy
+import re
 from dataclasses import dataclass, field, fields
 
 import action_decoder
@@ -79,6 +80,12 @@ class Config:
     horizon: int = arg(16, "H_a: actions per chunk")
     future_stride: int = arg(4, "control steps between predicted future frames")
     future_frames: int = arg(0, "predicted future frames (0: enough to cover the action chunk, ceil(H_a / stride))")
+    encoders: str = arg("stand-in", "frozen encoders: stand-in (space-to-depth latents, hash text) | cosmos (the "
+                                    "Wan2.1 VAE and T5 of --encoder_source); a pre-encoded dataset brings its own")
+    encoder_source: str = arg("nvidia/Cosmos-Predict2-2B-Video2World", "folder or Hub id with vae/, text_encoder/, "
+                              "tokenizer/ (with --encoders cosmos)")
+    resolution: str = arg("", "HxW the Wan VAE sees, frames resized first (with --encoders cosmos; empty: the "
+                              "frames' own)")
     tokenizer_factor: int = arg(4, "space-to-depth factor of the latent stand-in (latent channels 3 f^2); frames "
                                    "must divide by it times the patch size")
     text_length: int = arg(16, "words the text-encoder stand-in holds")
@@ -114,10 +121,10 @@ PRESETS = {
                     action=ActionStage(k=1, steps=4, batch_size=8, warmup=1, schedule="linear", weight_decay=0.1,
                                        grad_clip=10.0),
                     eval=EvalStage(episodes=2, gif=False)),
-    # the paper's recipe (GPUs): Cosmos-Predict2 2B + LoRA, the release's decoder and optimiser settings.
-    # Needs datasets whose latents match the 2B's 16 channels, i.e. the Wan2.1 VAE, which is not part of this project.
+    # the paper's recipe (GPUs): Cosmos-Predict2 2B + LoRA, the release's decoder and optimiser settings, its
+    # Wan2.1 VAE and T5 (or a dataset pre-encoded by them, preencode.py)
     "cosmos-2b": Config(
-        out="out/cosmos-2b", history=5, horizon=15, tokenizer_factor=8, text_length=512,
+        out="out/cosmos-2b", history=5, horizon=15, encoders="cosmos", text_length=512,
         video=VideoStage(model="cosmos-predict2-2b", pretrained="nvidia/Cosmos-Predict2-2B-Video2World",
                          steps=10000, batch_size=32, lr=1.778e-4, warmup=0, schedule="constant", grad_clip=1.0),
         action=ActionStage(model="mimic-video", k=19, positions=False, tau_a_alpha=1.5, steps=14112, batch_size=256,
@@ -216,6 +223,15 @@ def check(cfg):
     if cfg.eval.replan > cfg.horizon:
         problems.append(f"--eval.replan {cfg.eval.replan} is longer than the chunk it executes (--horizon "
                         f"{cfg.horizon})")
+    if cfg.encoders not in ("stand-in", "cosmos"):
+        problems.append(f"--encoders must be stand-in or cosmos, got {cfg.encoders!r}")
+    elif cfg.encoders == "cosmos":   # the Wan VAE's frame rule: the first frame alone, then groups of 4
+        future = cfg.future_frames or -(-cfg.horizon // cfg.future_stride)
+        if (cfg.history - 1) % 4 or (cfg.history + future - 1) % 4:
+            problems.append(f"--encoders cosmos encodes clips of 1 + 4n frames: --history {cfg.history} and history "
+                            f"+ future frames {cfg.history + future} must both be 1 + 4n")
+    if cfg.resolution and not re.fullmatch(r"\d+x\d+", cfg.resolution):
+        problems.append(f"--resolution takes HxW, e.g. 256x256, got {cfg.resolution!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     return problems

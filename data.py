@@ -1,6 +1,7 @@
 """Robot data for training: the project's on-disk dataset format, the training-window loader, and the value ranges
 that models normalise by. Not here: the frozen encoders that turn frames and instructions into the models' inputs
-(encoders.py).
+(encoders.py); the latent variant of this format, training windows pre-encoded for the real models (latent_data.py,
+written by preencode.py); reading LeRobot datasets (lerobot.py).
 
 The format is not tied to the built-in world: any source (another simulator, a robot's logs) converted into it can
 be trained on. A dataset is a directory:
@@ -30,6 +31,10 @@ manifest.json:
 
 Reading checks every shard's size and sha256 against the manifest and every tensor's shape against it, and
 names the file at fault.
+
+The latent variant, "mimic-video-latents" version 1 (training windows pre-encoded by the real encoders, so that
+training runs neither), is specified in latent_data.py's docstring; preencode.py writes it from this format or from
+a LeRobot folder.
 """
 import hashlib
 import json
@@ -299,7 +304,7 @@ class Windows:
         self.episode = np.repeat(episodes, lengths)                                  # (windows,)
         self.t = np.concatenate([np.arange(T) for T in lengths])
         self.text = text_encoder(dataset.instructions).numpy()                        # (episodes, L, D)
-        self.hold = torch.tensor([rule == "hold" for rule in dataset.action_pad])
+        self.hold = np.array([rule == "hold" for rule in dataset.action_pad])
 
     def __len__(self):
         return len(self.t)
@@ -313,14 +318,23 @@ class Windows:
         text (B, L, D), episode (B,), t (B,)."""
         d, s = self.data, self.spec
         e, t = self.episode[ids], self.t[ids]
-        T, f0, a0 = d.lengths[e][:, None], d.frame_start[e][:, None], d.action_start[e][:, None]
-        past = history_indices(t, s.history, s.history_stride)
-        future = np.minimum(t[:, None] + s.future_stride * np.arange(1, s.future + 1), T)
-        frames = d.frames[f0 + np.concatenate([past, future], axis=1)]
-        steps = t[:, None] + np.arange(s.horizon)                                     # (B, H_a)
-        actions = torch.from_numpy(d.actions[a0 + np.minimum(steps, T - 1)])
-        after_end = torch.from_numpy(steps >= T)[..., None]
-        actions = torch.where(after_end & ~self.hold, torch.zeros(()), actions)      # "hold" keeps the last value
-        return {"frames": torch.from_numpy(frames), "proprio": torch.from_numpy(d.proprio[f0[:, 0] + t]),
-                "actions": actions, "text": torch.from_numpy(self.text[e]),
+        T, f0 = d.lengths[e], d.frame_start[e]
+        frames = d.frames[f0[:, None] + window_frames(s, t, T)]
+        actions = action_chunks(s, d.actions, d.action_start[e], t, T, self.hold)
+        return {"frames": torch.from_numpy(frames), "proprio": torch.from_numpy(d.proprio[f0 + t]),
+                "actions": torch.from_numpy(actions), "text": torch.from_numpy(self.text[e]),
                 "episode": torch.from_numpy(e), "t": torch.from_numpy(t)}
+
+
+def window_frames(spec, t, T):
+    """Frame indices (B, H_o + F) of the windows at steps t (B,) of episodes of T (B,) steps, history then future."""
+    future = np.minimum(t[:, None] + spec.future_stride * np.arange(1, spec.future + 1), T[:, None])
+    return np.concatenate([history_indices(t, spec.history, spec.history_stride), future], axis=1)
+
+
+def action_chunks(spec, actions, a0, t, T, hold):
+    """The chunks (B, H_a, A) of the windows at steps t of episodes whose T actions start at row a0 of `actions`:
+    actions t .. t + H_a - 1, past the episode's end zero, or the last action's value where hold (A,) is True."""
+    steps = t[:, None] + np.arange(spec.horizon)                                      # (B, H_a)
+    chunk = actions[a0[:, None] + np.minimum(steps, T[:, None] - 1)]
+    return np.where((steps >= T[:, None])[..., None] & ~hold, np.float32(0), chunk)

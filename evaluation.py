@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import latent_data
 
 # ----------------------------------------------------------------------------- rollouts
 
@@ -169,14 +170,20 @@ def evaluate(policy, make_env, tasks, episodes_per_task, *, seed_base, replan_ev
 
 
 def held_out_error(policy, dataset, spec, episodes, max_windows=512):
-    """Mean squared error of sampled chunks against the recorded ones on held-out episodes, in normalised units."""
-    windows = data.Windows(dataset, spec, policy.text_encoder, episodes)
+    """Mean squared error of sampled chunks against the recorded ones on held-out episodes, in normalised units.
+    A pre-encoded dataset (latent_data.py) is read as encoded: the policy gets its context latents and text states."""
+    latent = isinstance(dataset, latent_data.LatentDataset)
+    windows = latent_data.LatentWindows(dataset, episodes) if latent else \
+        data.Windows(dataset, spec, policy.text_encoder, episodes)
     ids = np.linspace(0, len(windows) - 1, min(max_windows, len(windows))).astype(int)
     errs = []
     for chunk in np.array_split(ids, max(1, len(ids) // 64)):
         b = windows.batch(chunk)
-        pred = policy.act_batch(b["frames"][:, :spec.history].numpy(), [dataset.instructions[e] for e in b["episode"]],
-                                b["proprio"].numpy())
+        if latent:
+            pred = policy.act_encoded(b["latents"][:, :, :policy.n_cond], b["text"], b["proprio"])
+        else:
+            pred = policy.act_batch(b["frames"][:, :spec.history].numpy(),
+                                    [dataset.instructions[e] for e in b["episode"]], b["proprio"].numpy())
         errs.append(((policy.action_norm(torch.as_tensor(pred)) - policy.action_norm(b["actions"])) ** 2)
                     .mean(dim=(1, 2)).numpy())
     return float(np.concatenate(errs).mean())

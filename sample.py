@@ -49,15 +49,33 @@ class VAMPolicy:
         self.video_steps = 0 if self.tau_v == 1 else video_steps or run["video_steps"]   # 1 -> 1 integrates nothing
         self.action_steps = action_steps or run["action_steps"]
         self.frame_shape = tuple(run["frame_shape"])
-        self.tokenizer = encoders.SpaceToDepth(run["tokenizer_factor"])
-        self.text_encoder = encoders.TextEncoder(run["text_length"], video.cfg.text_dim)
         self.proprio_norm, self.action_norm = data.Normalizer(run["proprio_range"]), data.Normalizer(run["action_range"])
+        # latent frames of a window and of its context; runs written before the encoders were recorded: the stand-ins
+        self.latent_frames = run.get("latent_frames", self.spec.history + self.spec.future)
+        self.n_cond = run.get("context_frames", self.spec.history)
+        self.encoder_spec = run.get("encoders") or encoders.stand_in_spec(run["tokenizer_factor"], run["text_length"],
+                                                                          video.cfg.text_dim)
+        self._encoders = None   # built on first use: a policy given latents (act_encoded) never loads them
         self.generator = torch.Generator().manual_seed(seed)
         self.device = next(decoder.parameters()).device
 
-    def _start(self, frames, instructions):
-        """Step 1 and the noise of step 2: (the video velocity given this context and text, the noise on all
-        H_o + F latent frames, the text states, the context latents)."""
+    @property
+    def tokenizer(self):
+        """The frozen video encoder the run was trained with (encoders.py)."""
+        return self._frozen()[0]
+
+    @property
+    def text_encoder(self):
+        return self._frozen()[1]
+
+    def _frozen(self):
+        if self._encoders is None:
+            self._encoders = encoders.build(self.encoder_spec, self.device)
+        return self._encoders
+
+    def encode(self, frames, instructions):
+        """Step 1: (context latents (N, C, n_cond, h, w), text states (N, L, D)). The H_o history frames alone give
+        the context latent frames (one each for the stand-in; (H_o - 1) / 4 + 1 for the causal Wan VAE)."""
         frames = np.asarray(frames)
         H_o = self.spec.history
         if frames.ndim != 5 or frames.shape[1:] != (H_o, *self.frame_shape) or frames.dtype != np.uint8:
@@ -66,30 +84,47 @@ class VAMPolicy:
                              f"{'x'.join(map(str, self.frame_shape))}; got {frames.shape} {frames.dtype}")
         if len(instructions) != len(frames):
             raise ValueError(f"{len(frames)} frame histories but {len(instructions)} instructions")
-        context = self.tokenizer.encode(torch.as_tensor(frames)).to(self.device)   # (N, C, H_o, h, w)
-        text = self.text_encoder(list(instructions)).to(self.device)
+        context = self.tokenizer.encode(torch.as_tensor(frames)).to(self.device)   # (N, C, n_cond, h, w)
+        return context, self.text_encoder(list(instructions)).to(self.device)
+
+    def _start(self, context, text):
+        """The video velocity given this context and text, and the noise on all T_lat latent frames."""
         N, C, _, h, w = context.shape
-        noise = torch.randn((N, C, H_o + self.spec.future, h, w), generator=self.generator).to(self.device)
-        velocity = functools.partial(self.video.video2world_velocity, text=text, context=context, n_cond=H_o)
-        return velocity, noise, text, context
+        noise = torch.randn((N, C, self.latent_frames, h, w), generator=self.generator).to(self.device)
+        velocity = functools.partial(self.video.video2world_velocity, text=text, context=context, n_cond=self.n_cond)
+        return velocity, noise
 
     @torch.no_grad()
     def plan(self, frames, instructions):
         """Steps 1-3: the layer-k video states (N, T*h*w, width) and the partially denoised latents x_tau_v."""
-        velocity, noise, text, context = self._start(frames, instructions)
+        return self.plan_encoded(*self.encode(frames, instructions))
+
+    @torch.no_grad()
+    def plan_encoded(self, context, text):
+        """Steps 2-3 on encoded inputs: context latents (N, C, >= n_cond, h, w), text states (N, L, D)."""
+        velocity, noise = self._start(context, text)
         x = flow.euler(velocity, noise, 1.0, self.tau_v, self.video_steps)
-        return self.video.video2world_hidden_states(x, self.tau_v, text, context, self.spec.history, self.k), x
+        return self.video.video2world_hidden_states(x, self.tau_v, text, context, self.n_cond, self.k), x
 
     @torch.no_grad()
     def act_batch(self, frames, instructions, proprio):
-        proprio = torch.as_tensor(np.asarray(proprio), dtype=torch.float32)
-        if proprio.shape != (len(frames), self.decoder.cfg.proprio_dim):
-            raise ValueError(f"proprio must be (N, P) = ({len(frames)}, {self.decoder.cfg.proprio_dim}): this run was "
-                             f"trained on {self.decoder.cfg.proprio_dim}-D proprioception; got {tuple(proprio.shape)}")
-        states, _ = self.plan(frames, instructions)
-        actions = self.decoder.sample(states, self.tau_v, self.proprio_norm(proprio).to(self.device),
-                                      self.action_steps, self.generator)
+        proprio = self._check_proprio(proprio, len(frames))
+        return self.act_encoded(*self.encode(frames, instructions), proprio)
+
+    @torch.no_grad()
+    def act_encoded(self, context, text, proprio):
+        """act_batch on encoded inputs (see plan_encoded), e.g. a pre-encoded dataset's windows."""
+        states, _ = self.plan_encoded(context.to(self.device), text.to(self.device))
+        actions = self.decoder.sample(states, self.tau_v, self.proprio_norm(self._check_proprio(proprio, len(context)))
+                                      .to(self.device), self.action_steps, self.generator)
         return self.action_norm.inverse(actions.float().cpu()).numpy()
+
+    def _check_proprio(self, proprio, n):
+        proprio = torch.as_tensor(np.asarray(proprio), dtype=torch.float32)
+        if proprio.shape != (n, self.decoder.cfg.proprio_dim):
+            raise ValueError(f"proprio must be (N, P) = ({n}, {self.decoder.cfg.proprio_dim}): this run was "
+                             f"trained on {self.decoder.cfg.proprio_dim}-D proprioception; got {tuple(proprio.shape)}")
+        return proprio
 
     def act(self, frames, instruction, proprio):
         return self.act_batch(np.asarray(frames)[None], [instruction], np.asarray(proprio)[None])[0]
@@ -98,9 +133,10 @@ class VAMPolicy:
     def imagine(self, frames, instructions, steps=20):
         """The video model's fully denoised future (1 -> 0), decoded to frames (N, F, H, W, C) uint8: what the
         visual plan would look like if the flow were integrated all the way."""
-        velocity, noise, _, _ = self._start(frames, instructions)
+        context, text = self.encode(frames, instructions)
+        velocity, noise = self._start(context, text)
         x0 = flow.euler(velocity, noise, 1.0, 0.0, steps)
-        return self.tokenizer.decode(x0[:, :, self.spec.history:].clamp(-1, 1).cpu()).numpy()
+        return self.tokenizer.decode(x0.cpu())[:, self.spec.history:].numpy()   # the whole clip, then its future
 
     @classmethod
     def load(cls, out_dir, device="cpu", **overrides):

@@ -41,6 +41,7 @@ import encoders
 import evaluation
 import expert
 import flow
+import latent_data
 import video_model
 import world
 from action_decoder import ActionDecoder, ActionDecoderConfig, preset as decoder_preset
@@ -104,10 +105,16 @@ class ActionBatch:
     drop_proprio: torch.Tensor  # (B,) bool: the proprio token is the mask token
 
 
+def clean_latents(b, tokenizer):
+    """A batch's clean latents: pre-encoded ones (latent_data.py) as they are, else its frames through the frozen
+    video encoder (tokenizer: encoders.py)."""
+    return b["latents"] if "latents" in b else tokenizer.encode(b["frames"])
+
+
 def draw_video_batch(g, windows, tokenizer, batch_size):
     """A global batch for stage 1 and all its random draws: windows, tau_v (Cosmos' logit-normal), noise."""
     b = windows.sample(batch_size, g)
-    x0 = tokenizer.encode(b["frames"])
+    x0 = clean_latents(b, tokenizer)
     tau_v = flow.sample_tau_video(batch_size, x0.shape[2], g)
     return VideoBatch(x0, b["text"], tau_v, torch.randn(x0.shape, generator=g))
 
@@ -117,7 +124,7 @@ def draw_action_batch(g, windows, tokenizer, norms, s):
     video noise; tau_a ~ 0.001 + 0.999 Beta(alpha, beta) and the action noise; which proprio tokens are dropped."""
     B = s.batch_size
     b = windows.sample(B, g)
-    x0 = tokenizer.encode(b["frames"])
+    x0 = clean_latents(b, tokenizer)
     tau_v = 1 - torch.rand(B, generator=g) if s.tau_v == "uniform" else torch.full((B,), float(s.tau_v))
     eps_v = torch.randn(x0.shape, generator=g)
     tau_a = flow.sample_tau_action(B, s.tau_a_alpha, s.tau_a_beta, g)
@@ -249,12 +256,18 @@ def _resume_state(path, module, opt, cfg):
 
 @dataclass
 class RunData:
-    """What both stages train on: the dataset, its training windows, and what the run is evaluated on."""
-    dataset: data.Dataset
+    """What both stages train on: the dataset, its training windows, the frozen encoders, and what the run is
+    evaluated on."""
+    dataset: data.Dataset    # or a latent_data.LatentDataset (windows pre-encoded by the real encoders)
     spec: data.WindowSpec
-    windows: data.Windows
-    held_out: np.ndarray   # episodes kept back for the action error (datasets without an environment)
-    source: dict           # how the built-in world made the dataset (its tasks, config); None for other datasets
+    windows: data.Windows    # or latent_data.LatentWindows
+    held_out: np.ndarray     # episodes kept back for the action error (datasets without an environment)
+    source: dict             # how the built-in world made the dataset (its tasks, config); None for other datasets
+    encoders: dict           # the frozen encoders' description (encoders.build), recorded for the policy
+    tokenizer: object        # the video encoder (encoders.py); None for pre-encoded latents, which need none
+    latent_shape: tuple      # (C, T_lat, h, w): one window's latents
+    n_cond: int              # its context latent frames, those of the H_o history frames (Video2World)
+    text_dim: int            # width of the text states
 
 
 def load_data(cfg, rt):
@@ -267,8 +280,9 @@ def load_data(cfg, rt):
             print(f"data: generated {root} in {time.perf_counter() - start:.1f}s", flush=True)
         if rt.world_size > 1:
             dist.barrier()
+    latent = latent_data.is_latent_dataset(root)
     try:
-        dataset = data.Dataset(root)
+        dataset = latent_data.LatentDataset(root) if latent else data.Dataset(root)
     except (OSError, ValueError) as e:   # missing, truncated or inconsistent files: data.py names the file
         raise SystemExit(f"data: {e}") from None
     source = dataset.manifest.get("source", {})
@@ -278,55 +292,91 @@ def load_data(cfg, rt):
         episodes, held_out = data.split_by_task(dataset.tasks, cfg.holdout)
         rt.log(f"data: held out {len(held_out)} episodes ({cfg.holdout:.0%} of each task's, its last ones): "
                f"{held_out.tolist()}")
-    spec = window_spec(cfg)
-    text = encoders.TextEncoder(cfg.text_length, video_config(cfg, dataset).text_dim)
+    source = source if has_world else None
+    if latent:
+        return latent_run(cfg, rt, dataset, episodes, held_out)
+    spec, encoder_spec = window_spec(cfg), encoders_of(cfg)
     try:
+        tokenizer, text = encoders.build(encoder_spec, rt.device)
         windows = data.Windows(dataset, spec, text, episodes)
-    except ValueError as e:   # e.g. an instruction longer than the text encoder holds
+        height, width, channels = dataset.manifest["frame_shape"]
+        latent_shape = (tokenizer.channels(channels), tokenizer.latent_frames(spec.history + spec.future),
+                        *tokenizer.latent_size(height, width))
+    except ValueError as e:   # e.g. an instruction longer than the text encoder holds, or no VAE in a folder
         raise SystemExit(f"data: {e}") from None
-    return RunData(dataset, spec, windows, held_out, source if has_world else None)
+    return RunData(dataset, spec, windows, held_out, source, encoder_spec, tokenizer, latent_shape,
+                   tokenizer.latent_frames(spec.history), text.dim)
 
 
-def video_config(cfg, dataset):
+def latent_run(cfg, rt, dataset, episodes, held_out):
+    """A pre-encoded dataset's RunData: its window, latents and text states as they were encoded (no encoder is
+    built). The window flags must be the ones it was encoded with."""
+    asked, m = window_spec(cfg), dataset.manifest
+    differ = [f"--{f.name} {getattr(asked, f.name)} (encoded: {getattr(dataset.spec, f.name)})"
+              for f in fields(asked) if getattr(asked, f.name) != getattr(dataset.spec, f.name)]
+    if differ:
+        raise SystemExit(f"data: {dataset.root} was pre-encoded with another window; train with its settings: "
+                         + ", ".join(differ))
+    rt.log(f"data: pre-encoded latents {m['latent_shape']} ({m['dtype']}), {m['context_frames']} context frames; "
+           f"encoders {m['encoders']['video']['kind']} + {m['encoders']['text']['kind']} (not run in training)")
+    return RunData(dataset, dataset.spec, latent_data.LatentWindows(dataset, episodes), held_out, None,
+                   m["encoders"], None, tuple(m["latent_shape"]), m["context_frames"], m["text"]["dim"])
+
+
+def encoders_of(cfg):
+    """The frozen encoders the configuration asks for (--encoders), as encoders.build's description."""
+    if cfg.encoders == "cosmos":
+        size = tuple(int(v) for v in cfg.resolution.split("x")) if cfg.resolution else None
+        return encoders.cosmos_spec(cfg.encoder_source, size)
+    return encoders.stand_in_spec(cfg.tokenizer_factor, cfg.text_length,
+                                  video_model.preset(cfg.video.model).text_dim)
+
+
+def video_config(cfg, run):
     vc = video_model.preset(cfg.video.model)
     if cfg.video.pretrained:
         return vc
-    channels = encoders.SpaceToDepth(cfg.tokenizer_factor).channels(dataset.manifest["frame_shape"][2])
-    return replace(vc, in_channels=channels, patch=cfg.video.patch, num_heads=cfg.video.heads or vc.num_heads,
-                   num_layers=cfg.video.layers or vc.num_layers)
+    return replace(vc, in_channels=run.latent_shape[0], text_dim=run.text_dim, patch=cfg.video.patch,
+                   num_heads=cfg.video.heads or vc.num_heads, num_layers=cfg.video.layers or vc.num_layers)
 
 
-def build_video(cfg, dataset, device):
+def build_video(cfg, run, device):
     if not cfg.video.pretrained:
-        return video_model.VideoDiT(video_config(cfg, dataset)).to(device)
+        return video_model.VideoDiT(video_config(cfg, run)).to(device)
     try:
         video = cosmos_weights.from_pretrained(cfg.video.pretrained)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--video.pretrained: {e}") from None
-    channels = encoders.SpaceToDepth(cfg.tokenizer_factor).channels(dataset.manifest["frame_shape"][2])
-    if video.cfg.in_channels != channels:
-        raise SystemExit(f"{cfg.video.pretrained} takes {video.cfg.in_channels}-channel VAE latents, but the "
-                         f"latent stand-in makes {channels} channels from these frames; a real video tokenizer "
-                         f"(the Wan2.1 VAE) is not part of this project yet")
+    found = (run.latent_shape[0], run.text_dim)
+    if (video.cfg.in_channels, video.cfg.text_dim) != found:   # a mismatch refused before any training
+        raise SystemExit(f"{cfg.video.pretrained} takes {video.cfg.in_channels}-channel latents and "
+                         f"{video.cfg.text_dim}-wide text states, but the encoders ({run.encoders['video']['kind']}, "
+                         f"{run.encoders['text']['kind']}) give {found[0]} and {found[1]} (Cosmos reads the Wan2.1 "
+                         f"VAE's and T5's: --encoders cosmos)")
     video.add_lora(cfg.video.lora_rank, cfg.video.lora_alpha)
     return video.to(device)
 
 
-def build_decoder(cfg, dataset, video):
-    dc = decoder_preset(cfg.action.model, H_a=cfg.horizon, action_dim=dataset.manifest["action_dim"],
-                        proprio_dim=dataset.manifest["proprio_dim"], video_dim=video.cfg.width,
-                        context_tokens=video_tokens(cfg, dataset, video.cfg) if cfg.action.positions else 0)
+def build_decoder(cfg, run, video):
+    m = run.dataset.manifest
+    dc = decoder_preset(cfg.action.model, H_a=cfg.horizon, action_dim=m["action_dim"], proprio_dim=m["proprio_dim"],
+                        video_dim=video.cfg.width,
+                        context_tokens=video_tokens(run, video.cfg) if cfg.action.positions else 0)
     return ActionDecoder(dc)
 
 
-def check_against(cfg, dataset, video_cfg):
+def check_against(cfg, run, video_cfg):
     """What the configuration asks of this dataset and video model, refused before stage 1 with the reason."""
-    height, width, _ = dataset.manifest["frame_shape"]
+    height, width, _ = run.dataset.manifest["frame_shape"]
     per_side = cfg.tokenizer_factor * video_cfg.patch
-    if height % per_side or width % per_side:
-        raise SystemExit(f"the frames of {dataset.root} are {height}x{width}, which the video tokens do not tile: "
-                         f"they need multiples of --tokenizer_factor x patch = {cfg.tokenizer_factor} x "
+    _, _, h, w = run.latent_shape
+    if run.encoders["video"]["kind"] == "space-to-depth" and (height % per_side or width % per_side):
+        raise SystemExit(f"the frames of {run.dataset.root} are {height}x{width}, which the video tokens do not "
+                         f"tile: they need multiples of --tokenizer_factor x patch = {cfg.tokenizer_factor} x "
                          f"{video_cfg.patch} = {per_side}")
+    if h % video_cfg.patch or w % video_cfg.patch:
+        raise SystemExit(f"the latents of {run.dataset.root} are {h}x{w}, which the video model's patch "
+                         f"{video_cfg.patch} does not tile (frames: multiples of 16 for the Wan VAE, --resolution)")
     if not 0 <= cfg.action.k < video_cfg.num_layers:
         raise SystemExit(f"--action.k must name one of the video model's blocks, 0 .. {video_cfg.num_layers - 1}, "
                          f"got {cfg.action.k}")
@@ -336,20 +386,20 @@ def window_spec(cfg):
     return data.WindowSpec(cfg.history, cfg.horizon, cfg.history_stride, cfg.future_stride, cfg.future_frames)
 
 
-def video_tokens(cfg, dataset, video_cfg):
-    """Tokens of one window in the video model: (H_o + F) latent frames of (H / f / p) x (W / f / p) patches."""
-    height, width, _ = dataset.manifest["frame_shape"]
-    per_side = cfg.tokenizer_factor * video_cfg.patch
-    return (cfg.history + window_spec(cfg).future) * (height // per_side) * (width // per_side)
+def video_tokens(run, video_cfg):
+    """Tokens of one window in the video model: T_lat latent frames of (h / p) x (w / p) patches."""
+    _, T, h, w = run.latent_shape
+    return T * (h // video_cfg.patch) * (w // video_cfg.patch)
 
 
 def run_meta(cfg, run_data):
     """What sample.VAMPolicy needs to rebuild this run's policy, stored with both checkpoints."""
     m, source = run_data.dataset.manifest, run_data.source
     return {"k": cfg.action.k, "window": asdict(run_data.spec), "tokenizer_factor": cfg.tokenizer_factor,
-            "text_length": cfg.text_length, "frame_shape": m["frame_shape"], "proprio_range": m["proprio_range"],
-            "action_range": m["action_range"], "tau_v": cfg.eval.tau_v, "video_steps": cfg.eval.video_steps,
-            "action_steps": cfg.eval.action_steps, "replan": cfg.eval.replan,
+            "text_length": cfg.text_length, "encoders": run_data.encoders, "context_frames": run_data.n_cond,
+            "latent_frames": run_data.latent_shape[1], "frame_shape": m["frame_shape"],
+            "proprio_range": m["proprio_range"], "action_range": m["action_range"], "tau_v": cfg.eval.tau_v,
+            "video_steps": cfg.eval.video_steps, "action_steps": cfg.eval.action_steps, "replan": cfg.eval.replan,
             "tasks": source["tasks"] if source else None, "world_config": source["config"] if source else None}
 
 # ----------------------------------------------------------------------------- the two stages
@@ -370,11 +420,9 @@ def video_stage(cfg, rt, run, video, resume):
     if resume and path.exists():
         video = load_finished(path, video_model.VideoDiT, video_model.VideoDiTConfig, rt)
     else:
-        tokenizer = encoders.SpaceToDepth(cfg.tokenizer_factor)
-
         def step_loss(g):
-            return video_loss(video, rt.rows(draw_video_batch(g, run.windows, tokenizer, cfg.video.batch_size)),
-                              run.spec.history)
+            return video_loss(video, rt.rows(draw_video_batch(g, run.windows, run.tokenizer, cfg.video.batch_size)),
+                              run.n_cond)
 
         video.train()
         train_stage("video", video, step_loss, cfg.video, cfg, rt, resume)
@@ -387,17 +435,16 @@ def video_stage(cfg, rt, run, video, resume):
 
 def action_stage(cfg, rt, run, video, resume):
     """Stage 2: the action decoder learns the action flow from the frozen video model's layer-k states."""
-    decoder = build_decoder(cfg, run.dataset, video).to(rt.device)
+    decoder = build_decoder(cfg, run, video).to(rt.device)
     path = Path(cfg.out) / "action.safetensors"
     if resume and path.exists():
         return load_finished(path, ActionDecoder, ActionDecoderConfig, rt).eval()
-    tokenizer = encoders.SpaceToDepth(cfg.tokenizer_factor)
     norms = (data.Normalizer(run.dataset.manifest["proprio_range"]),
              data.Normalizer(run.dataset.manifest["action_range"]))
 
     def step_loss(g):
-        batch = rt.rows(draw_action_batch(g, run.windows, tokenizer, norms, cfg.action))
-        return action_loss(video, decoder, batch, run.spec.history, cfg.action.k)
+        batch = rt.rows(draw_action_batch(g, run.windows, run.tokenizer, norms, cfg.action))
+        return action_loss(video, decoder, batch, run.n_cond, cfg.action.k)
 
     decoder.train()
     train_stage("action", decoder, step_loss, cfg.action, cfg, rt, resume)
@@ -445,8 +492,8 @@ def main(argv=None):
     m = run.dataset.manifest
     rt.log(f"data: {len(run.dataset)} episodes, {len(run.windows)} training windows; frames {m['frame_shape']}, "
            f"proprio {m['proprio_dim']}, actions {m['action_dim']}; world size {rt.world_size}, {rt.device}")
-    video = build_video(cfg, run.dataset, rt.device)
-    check_against(cfg, run.dataset, video.cfg)
+    video = build_video(cfg, run, rt.device)
+    check_against(cfg, run, video.cfg)
     t = time.perf_counter()
     video = video_stage(cfg, rt, run, video, resume)
     times["video"] = time.perf_counter() - t

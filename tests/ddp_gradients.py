@@ -22,8 +22,8 @@ run = train.load_data(cfg, rt)
 tokenizer = encoders.SpaceToDepth(cfg.tokenizer_factor)
 norms = (data.Normalizer(run.dataset.manifest["proprio_range"]), data.Normalizer(run.dataset.manifest["action_range"]))
 torch.manual_seed(0)
-video = train.build_video(cfg, run.dataset, rt.device)
-decoder = train.build_decoder(cfg, run.dataset, video)
+video = train.build_video(cfg, run, rt.device)
+decoder = train.build_decoder(cfg, run, video)
 with torch.no_grad():   # move off the zero-initialised layers, so that every parameter gets a gradient
     for p in list(video.parameters()) + list(decoder.parameters()):
         p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))

@@ -80,9 +80,9 @@ def test_smoke_run_trains_both_stages_and_evaluates(finished_run, world_data):
     cfg, _ = config.parse_args(smoke(out, world_data))
     torch.manual_seed(cfg.seed)
     run = train.load_data(cfg, train.Runtime())
-    initial_video = train.build_video(cfg, run.dataset, "cpu")
+    initial_video = train.build_video(cfg, run, "cpu")
     policy, _ = VAMPolicy.load(out)
-    initial_decoder = train.build_decoder(cfg, run.dataset, policy.video)
+    initial_decoder = train.build_decoder(cfg, run, policy.video)
     assert first_batch_loss("video", policy.video, None, cfg, run) < first_batch_loss("video", initial_video, None,
                                                                                       cfg, run)
     assert first_batch_loss("action", policy.video, policy.decoder, cfg, run) < \
@@ -238,8 +238,8 @@ def test_what_can_only_fail_later_is_refused_before_stage_1(tmp_path, world_data
 
 def tiny_models(run_data, cfg):
     torch.manual_seed(0)
-    video = train.build_video(cfg, run_data.dataset, "cpu")
-    return video, train.build_decoder(cfg, run_data.dataset, video)
+    video = train.build_video(cfg, run_data, "cpu")
+    return video, train.build_decoder(cfg, run_data, video)
 
 
 @pytest.fixture(scope="module")
