@@ -194,37 +194,40 @@ def held_out_error(policy, dataset, spec, episodes, max_windows=512):
 def save_gif(path, episodes, replan_every=4, overlay=None, scale=8, ms_per_step=120):
     """Recorded episodes side by side, frames scaled up, a green or red border once an episode has succeeded or
     failed. Optionally, under each episode, the imagined future of the plan in force ("imagined": per replan
-    (F, H, W, C) frames), and over it the plan itself: overlay(draw, proprio, chunk, size, top) draws the rest of
-    the chunk on the frame drawn at (0, top) with side `size` (world.draw_plan draws the gripper's path)."""
-    size = episodes[0]["frames"][0].shape[0] * scale
+    (F, H, W, C) frames), and over it the plan itself: overlay(draw, proprio, chunk, width, top) draws the rest of
+    the chunk on the frame drawn at (0, top) with that width (world.draw_plan draws the gripper's path). Frames may
+    be wider than high (LIBERO's two cameras side by side)."""
+    height, width = (n * scale for n in episodes[0]["frames"][0].shape[:2])
     caption = 14
-    strip = size // len(episodes[0]["imagined"][0]) if "imagined" in episodes[0] else 0   # F future frames
+    strip = width // len(episodes[0]["imagined"][0]) if "imagined" in episodes[0] else 0   # F future frames
     length = max(len(ep["frames"]) for ep in episodes) + 5      # hold the end a moment
     images = []
     for t in range(length):
-        canvas = Image.new("RGB", (size * len(episodes), size + caption + strip))
+        canvas = Image.new("RGB", (width * len(episodes), height + caption + strip))
         for n, ep in enumerate(episodes):
-            canvas.paste(_tile(ep, t, size, caption, strip, replan_every, overlay), (n * size, 0))
+            canvas.paste(_tile(ep, t, (width, height), caption, strip, replan_every, overlay), (n * width, 0))
         images.append(canvas)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     images[0].save(path, save_all=True, append_images=images[1:], duration=ms_per_step, loop=0)
 
 
 def _tile(ep, t, size, caption, strip, replan_every, overlay):
-    """One episode at step t: its instruction, its frame (with the plan over it), the imagined future below."""
-    tile = Image.new("RGB", (size, size + caption + strip))
+    """One episode at step t, drawn `size` = (width, height): its instruction, its frame (with the plan over it),
+    the imagined future below."""
+    width, height = size
+    tile = Image.new("RGB", (width, height + caption + strip))
     planning = t < len(ep["plans"])
     if strip and planning:
         for j, future in enumerate(ep["imagined"][t // replan_every]):
-            tile.paste(_image(future).resize((strip, strip), Image.NEAREST), (j * strip, size + caption))
+            tile.paste(_image(future).resize((strip, strip), Image.NEAREST), (j * strip, height + caption))
     frame = ep["frames"][min(t, len(ep["frames"]) - 1)]
-    tile.paste(_image(frame).resize((size, size), Image.NEAREST), (0, caption))
+    tile.paste(_image(frame).resize(size, Image.NEAREST), (0, caption))
     draw = ImageDraw.Draw(tile)
     draw.text((2, 1), ep["instruction"], fill=(255, 255, 255))
     if planning and overlay is not None:
-        overlay(draw, *ep["plans"][t], size, caption)
+        overlay(draw, *ep["plans"][t], width, caption)
     elif not planning and t >= len(ep["frames"]) - 1:
-        draw.rectangle([0, caption, size - 1, size + caption - 1], outline=(0, 255, 0) if ep["success"]
+        draw.rectangle([0, caption, width - 1, height + caption - 1], outline=(0, 255, 0) if ep["success"]
                        else (255, 0, 0), width=3)
     return tile
 

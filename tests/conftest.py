@@ -82,3 +82,12 @@ def folders(reference, tmp_path_factory):
 def model(folders):
     import cosmos_weights
     return cosmos_weights.from_pretrained(folders / "single").eval()
+
+# ----------------------------------------------------------------------------- a tiny LIBERO-shaped run
+
+
+@pytest.fixture(scope="session")
+def libero_run(tmp_path_factory):
+    """A run directory trained for a few smoke steps on random LIBERO-shaped episodes (tests/tiny_runs.py)."""
+    import tiny_runs
+    return tiny_runs.train_tiny_run(tmp_path_factory.mktemp("libero-run"))
