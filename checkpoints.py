@@ -163,18 +163,25 @@ def _optimised(opt):
     return [p for group in opt.param_groups for p in group["params"]]
 
 
-def save_state(path, module, opt, step, config):
-    """A resumable point: the trainable parameters, AdamW's moments, the step, and the run's config (a dict)."""
+def state_tensors(module, opt):
+    """What a resumable point holds: the trainable parameters (LoRA's adapters alone when the base is frozen) and
+    AdamW's moments, by name."""
     tensors = {f"model.{n}": p for n, p in module.named_parameters() if p.requires_grad}
     for i, p in enumerate(_optimised(opt)):
         for key, value in opt.state.get(p, {}).items():
             tensors[f"optim.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors
+
+
+def save_state(path, tensors, step, config):
+    """A resumable point: state_tensors(module, opt), the step, and the run's config (a dict)."""
     save(path, tensors, {"step": step, "config": config})
 
 
-def load_state(path, module, opt, config):
+def load_state(path, module, opt, config, place=None):
     """Restore a point written by save_state into module and opt; returns its step. The run's config must be the
-    one it was written with."""
+    one it was written with. place(tensor, param): the file's whole tensor as this process holds param's values
+    (a sharded parameter's shard, train.py's FSDP2); default: as it is, on param's device."""
     tensors, meta = read(path)
     if meta.get("config") != config:
         diff = ", ".join(_differences(meta.get("config") or {}, config)) or "its format"
@@ -184,13 +191,14 @@ def load_state(path, module, opt, config):
     missing = [n for n in trainable if f"model.{n}" not in tensors]
     if missing:
         raise ValueError(f"{path} lacks trainable parameters of this model, e.g. {missing[:3]}")
+    place = place or (lambda tensor, param: tensor.to(param.device))
     with torch.no_grad():
         for name, p in trainable.items():
-            p.copy_(tensors[f"model.{name}"])
+            p.copy_(place(tensors[f"model.{name}"], p))
     for i, p in enumerate(_optimised(opt)):
         keys = [k for k in tensors if k.startswith(f"optim.{i}.")]
         if keys:
-            opt.state[p] = {k.rsplit(".", 1)[1]: tensors[k].to(p.device) for k in keys}
+            opt.state[p] = {k.rsplit(".", 1)[1]: place(tensors[k], p) for k in keys}
     return meta["step"]
 
 

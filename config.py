@@ -38,6 +38,8 @@ class VideoStage(Optim):
                               "empty: train the preset from scratch")
     lora_rank: int = arg(256, "LoRA rank (with --video.pretrained)")
     lora_alpha: float = arg(32.0, "LoRA alpha (with --video.pretrained)")
+    checkpointing: bool = arg(False, "activation checkpointing: keep each DiT block's input, recompute the rest in "
+                                     "the backward (less memory, one more forward; the 2B at 480x640 needs it)")
     patch: int = arg(2, "spatial patch size of the video model (scratch training only)")
     heads: int = arg(0, "attention heads, i.e. width / head_dim (scratch training only; 0: the preset's)")
     layers: int = arg(0, "blocks (scratch training only; 0: the preset's)")
@@ -74,6 +76,10 @@ class Config:
     seed: int = arg(0, "seed of initialisation, batches and noise")
     device: str = arg("auto", "auto | cpu | cuda")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
+    precision: str = arg("fp32", "fp32 | bf16: a pretrained video model's frozen weights in bf16 and, on CUDA, "
+                                 "forward passes under bf16 autocast; trainable weights and AdamW state stay fp32")
+    parallel: str = arg("ddp", "under torchrun: ddp (each process the whole model, gradients averaged) | fsdp "
+                               "(FSDP2: stage 1's video model sharded per block over the processes)")
     world_episodes: int = arg(100, "demonstrations per task when generating the built-in world's dataset")
     history: int = arg(2, "H_o: history frames (context latent frames)")
     history_stride: int = arg(1, "control steps between history frames")
@@ -121,12 +127,21 @@ PRESETS = {
                     action=ActionStage(k=1, steps=4, batch_size=8, warmup=1, schedule="linear", weight_decay=0.1,
                                        grad_clip=10.0),
                     eval=EvalStage(episodes=2, gif=False)),
+    # the paper's recipe's code path at toy sizes, on the CPU in seconds: a tiny pretrained Cosmos DiT given by
+    # --video.pretrained (tests/tiny_models.py writes one with a tiny VAE, T5 and LeRobot dataset), LoRA, k = 1
+    "cosmos-tiny": Config(
+        out="out/cosmos-tiny", history=5, horizon=4, future_stride=1, future_frames=4, encoders="cosmos",
+        text_length=512, holdout=0.4, log_every=2, ckpt_every=2,
+        video=VideoStage(lora_rank=4, lora_alpha=8.0, steps=6, batch_size=4, lr=1e-3, warmup=0, schedule="constant"),
+        action=ActionStage(k=1, positions=False, steps=6, batch_size=4, warmup=0, schedule="linear",
+                           weight_decay=0.1, grad_clip=10.0)),
     # the paper's recipe (GPUs): Cosmos-Predict2 2B + LoRA, the release's decoder and optimiser settings, its
     # Wan2.1 VAE and T5 (or a dataset pre-encoded by them, preencode.py)
     "cosmos-2b": Config(
-        out="out/cosmos-2b", history=5, horizon=15, encoders="cosmos", text_length=512,
+        out="out/cosmos-2b", history=5, horizon=15, encoders="cosmos", text_length=512, precision="bf16",
         video=VideoStage(model="cosmos-predict2-2b", pretrained="nvidia/Cosmos-Predict2-2B-Video2World",
-                         steps=10000, batch_size=32, lr=1.778e-4, warmup=0, schedule="constant", grad_clip=1.0),
+                         checkpointing=True, steps=10000, batch_size=32, lr=1.778e-4, warmup=0, schedule="constant",
+                         grad_clip=1.0),
         action=ActionStage(model="mimic-video", k=19, positions=False, tau_a_alpha=1.5, steps=14112, batch_size=256,
                            lr=1e-4, warmup=1000, schedule="linear", weight_decay=0.1, grad_clip=10.0)),
 }
@@ -232,6 +247,10 @@ def check(cfg):
                             f"+ future frames {cfg.history + future} must both be 1 + 4n")
     if cfg.resolution and not re.fullmatch(r"\d+x\d+", cfg.resolution):
         problems.append(f"--resolution takes HxW, e.g. 256x256, got {cfg.resolution!r}")
+    if cfg.precision not in ("fp32", "bf16"):
+        problems.append(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.parallel not in ("ddp", "fsdp"):
+        problems.append(f"--parallel must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     return problems

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import checkpoints
 import config
@@ -52,10 +54,15 @@ from sample import VAMPolicy
 
 @dataclass(frozen=True)
 class Runtime:
-    """This process: its rank among world_size data-parallel processes, and its device."""
+    """This process: its rank among world_size data-parallel processes, its device, and whether its forward passes
+    run under bf16 autocast (--precision bf16 on CUDA)."""
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    bf16: bool = False
+
+    def autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
 
     def log(self, *msg):
         if self.rank == 0:
@@ -73,13 +80,14 @@ def setup(cfg):
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
+    bf16 = cfg.precision == "bf16" and device.type == "cuda"   # on the CPU a bf16 base runs without autocast
     if "RANK" not in os.environ:
-        return Runtime(0, 1, device)
+        return Runtime(0, 1, device, bf16)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    return Runtime(dist.get_rank(), dist.get_world_size(), device)
+    return Runtime(dist.get_rank(), dist.get_world_size(), device, bf16)
 
 # ----------------------------------------------------------------------------- one step of each stage
 
@@ -202,25 +210,28 @@ class TauBinnedLoss:
         return f"by tau [0,.25,.5,.75,1]: {text}"
 
 
-def train_stage(stage, module, step_loss, s, cfg, rt, resume):
+def train_stage(stage, module, step_loss, s, cfg, rt, resume, sharded=False):
     """Optimise module's trainable parameters with AdamW for s.steps steps of step_loss(generator) ->
-    (mean loss, per-sample losses, per-sample tau). Resumable from {stage}.state.safetensors in cfg.out."""
+    (mean loss, per-sample losses, per-sample tau). Resumable from {stage}.state.safetensors in cfg.out.
+    sharded: module is FSDP2-sharded (shard()), which averages the gradients itself."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=s.lr)
     state_path = Path(cfg.out) / f"{stage}.state.safetensors"
-    step = _resume_state(state_path, module, opt, cfg) if resume and state_path.exists() else 0
+    step = _resume_state(state_path, module, opt, cfg, sharded) if resume and state_path.exists() else 0
     rt.log(f"{stage}: {s.steps} steps, batch {s.batch_size}, {sum(p.numel() for p in params):,} trainable parameters"
            + (f"; resuming at step {step} from {state_path}" if step else ""))
     binned, t0, first, last_good = TauBinnedLoss(), time.perf_counter(), step, step
     while step < s.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, s)
-        loss, per_sample, tau = step_loss(step_generator(cfg.seed, stage, step))
+        with rt.autocast():
+            loss, per_sample, tau = step_loss(step_generator(cfg.seed, stage, step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if rt.world_size > 1:   # every process saw its rows of the global batch: average over processes
-            average_gradients(params, rt.world_size)
+            if not sharded:     # (FSDP2 has reduce-scattered the averaged gradients in the backward)
+                average_gradients(params, rt.world_size)
             loss = loss.detach().clone()
             dist.all_reduce(loss)
             loss /= rt.world_size
@@ -239,17 +250,45 @@ def train_stage(stage, module, step_loss, s, cfg, rt, resume):
                    f"lr {lr_at(step - 1, s):.2e} | {rate * s.batch_size:.0f} samples/s | "
                    f"{elapsed:.0f}s, eta {(s.steps - step) / rate:.0f}s")
         if step % cfg.ckpt_every == 0 or step == s.steps:
+            tensors = checkpoints.state_tensors(module, opt)
+            if sharded:   # every process gathers; one writes
+                tensors = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in tensors.items()}
             if rt.rank == 0:
-                checkpoints.save_state(state_path, module, opt, step, asdict(cfg))
+                checkpoints.save_state(state_path, tensors, step, asdict(cfg))
             last_good = step
     return step
 
 
-def _resume_state(path, module, opt, cfg):
+def _resume_state(path, module, opt, cfg, sharded):
+    def place(tensor, param):   # a whole tensor from the file, as this process's shard of a sharded parameter's
+        if isinstance(param, DTensor) and tensor.shape == param.shape:
+            return distribute_tensor(tensor.to(param.dtype), param.device_mesh, param.placements)
+        return tensor.to(param.device)
+
     try:
-        return checkpoints.load_state(path, module, opt, asdict(cfg))
+        return checkpoints.load_state(path, module, opt, asdict(cfg), place if sharded else None)
     except ValueError as e:
         raise SystemExit(f"{e}; delete it to restart that stage") from None
+
+
+def shard(video):
+    """FSDP2: every DiT block one unit, the rest of the model another. Each process keeps 1/N of every parameter,
+    gradient and AdamW moment; a unit's weights are gathered for its forward and its backward only."""
+    for block in video.blocks:
+        fully_shard(block)
+    return fully_shard(video)
+
+
+def gathered(video):
+    """The whole model, on every process, from an FSDP2-sharded one (a collective: every process calls it)."""
+    full = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in video.state_dict().items()}
+    with torch.device("meta"):
+        plain = video_model.VideoDiT(video.cfg)
+    if video.lora_config() is not None:
+        plain.add_lora(*video.lora_config())
+    plain.load_state_dict(full, assign=True)
+    plain.checkpoint_blocks = video.checkpoint_blocks
+    return plain
 
 # ----------------------------------------------------------------------------- data and models
 
@@ -341,10 +380,15 @@ def video_config(cfg, run):
 
 
 def build_video(cfg, run, device):
+    """The video model: the preset from scratch, or a pretrained Cosmos checkpoint with LoRA adapters (its frozen
+    weights in bf16 with --precision bf16, the adapters fp32)."""
     if not cfg.video.pretrained:
-        return video_model.VideoDiT(video_config(cfg, run)).to(device)
+        video = video_model.VideoDiT(video_config(cfg, run))
+        video.checkpoint_blocks = cfg.video.checkpointing
+        return video.to(device)
     try:
-        video = cosmos_weights.from_pretrained(cfg.video.pretrained)
+        video = cosmos_weights.from_pretrained(cfg.video.pretrained,
+                                               dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--video.pretrained: {e}") from None
     found = (run.latent_shape[0], run.text_dim)
@@ -354,6 +398,7 @@ def build_video(cfg, run, device):
                          f"{run.encoders['text']['kind']}) give {found[0]} and {found[1]} (Cosmos reads the Wan2.1 "
                          f"VAE's and T5's: --encoders cosmos)")
     video.add_lora(cfg.video.lora_rank, cfg.video.lora_alpha)
+    video.checkpoint_blocks = cfg.video.checkpointing
     return video.to(device)
 
 
@@ -424,10 +469,15 @@ def video_stage(cfg, rt, run, video, resume):
             return video_loss(video, rt.rows(draw_video_batch(g, run.windows, run.tokenizer, cfg.video.batch_size)),
                               run.n_cond)
 
+        sharded = cfg.parallel == "fsdp" and rt.world_size > 1
+        if sharded:
+            video = shard(video)
         video.train()
-        train_stage("video", video, step_loss, cfg.video, cfg, rt, resume)
+        train_stage("video", video, step_loss, cfg.video, cfg, rt, resume, sharded)
+        if sharded:
+            video = gathered(video)
         if cfg.video.pretrained:
-            video.fuse_lora()
+            video.fuse_lora()   # in fp32, then one cast to the base's dtype
         if rt.rank == 0:
             checkpoints.save_model(path, video, {"run": run_meta(cfg, run), "config": asdict(cfg)})
     return video.requires_grad_(False).eval()

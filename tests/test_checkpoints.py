@@ -76,7 +76,7 @@ def test_state_round_trip_and_another_configuration_is_refused(tiny, tmp_path):
     tiny(torch.randn(1, 4, 2, 4, 4), torch.rand(1, 2), torch.randn(1, 3, 8)).square().mean().backward()
     opt.step()
     config = {"seed": 0, "video": {"lr": 1e-3, "steps": 10}}
-    checkpoints.save_state(tmp_path / "s.safetensors", tiny, opt, 7, config)
+    checkpoints.save_state(tmp_path / "s.safetensors", checkpoints.state_tensors(tiny, opt), 7, config)
     fresh = VideoDiT(tiny.cfg)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     assert checkpoints.load_state(tmp_path / "s.safetensors", fresh, fresh_opt, config) == 7

@@ -42,3 +42,31 @@ def save_cosmos_encoders(root, z_dim=16, d_model=1024):
     tiny_t5(len(tokenizer), d_model).save_pretrained(root / "text_encoder")
     tokenizer.save_pretrained(root / "tokenizer")
     return root
+
+
+def save_tiny_dit(folder, text_dim=1024, seed=0):
+    """A random 3-block Cosmos-Predict2 DiT (16 latent channels, as the Wan VAE gives) saved by diffusers."""
+    from cosmos_reference import REF_CONFIG
+    from diffusers import CosmosTransformer3DModel
+    torch.manual_seed(seed)
+    CosmosTransformer3DModel(**{**REF_CONFIG, "text_embed_dim": text_dim}).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_recipe(root):
+    """Everything the paper's recipe reads, at toy sizes, as a Cosmos-Predict2 diffusers repo lays it out
+    (transformer/, vae/, text_encoder/, tokenizer/) plus a LeRobot v3.0 dataset in lerobot/ (6 episodes of
+    32x48 frames, two tasks)."""
+    from lerobot_fixtures import make_episodes, write_lerobot
+    save_cosmos_encoders(root)
+    save_tiny_dit(root / "transformer")
+    write_lerobot(root / "lerobot", make_episodes([12, 10, 11, 12, 10, 11], state_dim=4, action_dim=3,
+                                                  tasks=("pick up the green block", "push the blue block")))
+    return root
+
+
+if __name__ == "__main__":   # python tests/tiny_models.py DIR: a tiny recipe to try the commands on (README)
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    print(f"wrote {save_tiny_recipe(Path(sys.argv[1]))}")
