@@ -18,6 +18,8 @@ One scheduler detail departs from "1 -> 0", named here and pinned: the pipeline'
 "sigma_min" replaces the scheduler's final sigma 0 by sigma_min, so its last of N steps goes from 0.002 to 0.002
 (zero length, one wasted transformer pass) and it returns the latents at sigma_min = 0.002, not at 0. That is
 karras_taus(N, stop_after_step=N - 1); with final_sigmas_type "zero" the pipeline integrates to 0, karras_taus(N).
+Not compared here: NVIDIA's own sampler, a 2nd-order solver on the same grid (cosmos-predict2-dit.md); diffusers'
+pipeline, and so this project, take first-order Euler steps.
 """
 import functools
 from dataclasses import replace
@@ -68,15 +70,20 @@ def eps():
 
 
 @pytest.fixture(scope="module")
-def ours(folders, cosmos_folder, frames):
-    """The project's velocity for this history and prompt: its encoders and its DiT (QK-norm eps 1e-5, diffusers')."""
+def project(folders, cosmos_folder, frames):
+    """The project's DiT (QK-norm eps 1e-5, diffusers'), and its encoders' context latents and text states."""
     import cosmos_weights
     import encoders
     cfg = replace(cosmos_weights.from_pretrained(folders / "single").cfg, qk_norm_eps=1e-5)
     model = cosmos_weights.from_pretrained(folders / "single", cfg).eval()
     vae, t5 = encoders.build(encoders.cosmos_spec(str(cosmos_folder), size=(HEIGHT, WIDTH)))
-    context, text = vae.encode(frames[None]), t5([PROMPT])
-    n_cond = vae.latent_frames(HISTORY)
+    return model, vae.encode(frames[None]), t5([PROMPT]), vae.latent_frames(HISTORY)
+
+
+@pytest.fixture(scope="module")
+def ours(project):
+    """The project's velocity for this history and prompt."""
+    model, context, text, n_cond = project
     return functools.partial(model.video2world_velocity, text=text, context=context, n_cond=n_cond)
 
 
@@ -178,3 +185,27 @@ def test_partial_integration_to_the_release_stop_step_equals_the_pipeline_after_
     print(f"stop after step {s} (tau_v = {taus[-1].item():.4f}): max abs err {err:.2e}, relative {rel:.2e}")
     assert rel <= 1e-4
     assert (x - taus[0].float() * eps).abs().max() > 100 * err / (1 + flow.tau_to_sigma(taus[-1]).item())   # it moved
+
+
+def test_the_policy_stopped_after_step_s_plans_on_the_pipeline_latents(shipped, project, cosmos_folder):
+    """VAMPolicy(stop_after_step=s) integrates the same way: its x_tau_v (its noise from seed 1, as eps) equals
+    the pipeline's latents after s steps, and its tau_v is the release's."""
+    import encoders
+    from action_decoder import ActionDecoder, ActionDecoderConfig
+    from sample import VAMPolicy
+    model, context, text, n_cond = project
+    decoder = ActionDecoder(ActionDecoderConfig(H_a=4, action_dim=1, proprio_dim=1, video_dim=model.cfg.width,
+                                                width=32, depth=1, heads=2, rank=8, adaln_lora=8))
+    run = {"k": 1, "window": {"history": HISTORY, "horizon": 4}, "tau_v": 1.0, "video_steps": 10,
+           "action_steps": 10, "frame_shape": [HEIGHT, WIDTH, 3], "proprio_range": [[-1, 1]],
+           "action_range": [[-1, 1]], "latent_frames": 4, "context_frames": n_cond,
+           "encoders": encoders.cosmos_spec(str(cosmos_folder), size=(HEIGHT, WIDTH))}
+    s = 5
+    policy = VAMPolicy(model, decoder, run, stop_after_step=s, seed=1)
+    assert policy.tau_v == pytest.approx(flow.tau_v_at_step(s), rel=1e-12) and policy.video_steps == s
+    _, x = policy.plan_encoded(context, text)
+    err, rel = errors((1 + flow.tau_to_sigma(policy.tau_v)).float() * x, shipped[1][s - 1])
+    print(f"VAMPolicy stopped after step {s}: max abs err {err:.2e}, relative {rel:.2e}")
+    assert rel <= 1e-4
+    with pytest.raises(ValueError, match="give it alone"):
+        VAMPolicy(model, decoder, run, stop_after_step=s, tau_v=0.5)
