@@ -72,7 +72,22 @@ def euler(velocity_fn, x, tau_start, tau_end, steps):
             raise ValueError("steps = 0 integrates nothing, so tau_start must equal tau_end")
         return x
     taus = [t0 + (t1 - t0) * (i / steps) for i in range(steps)] + [t1]   # the last one lands exactly on tau_end
-    for tau_i, tau_next in zip(taus[:-1], taus[1:]):
+    return euler_on(velocity_fn, x, taus)
+
+
+def euler_on(velocity_fn, x, taus):
+    """Euler on a given grid tau_0, tau_1, ..., tau_N:  x_{i+1} = x_i + (tau_{i+1} - tau_i) v(x_i, tau_i).
+
+    Each tau_i is a float or a tensor as in `euler`; velocity_fn receives it as a tensor in x's dtype. N steps,
+    N network calls (the last time is reached, never evaluated); a grid of one time returns x unchanged.
+    The release's grid is `karras_taus`.
+    """
+    if len(taus) < 1:
+        raise ValueError("the time grid needs at least one time (the start)")
+    for tau in taus:
+        _check_tau(tau)
+    grid = [torch.as_tensor(tau, dtype=x.dtype, device=x.device) for tau in taus]
+    for tau_i, tau_next in zip(grid[:-1], grid[1:]):
         x = x + _per_sample(tau_next - tau_i, x) * velocity_fn(x, tau_i)
     return x
 
@@ -115,6 +130,24 @@ def tau_v_at_step(s, steps=35, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     if not isinstance(s, int) or not 0 <= s < steps:
         raise ValueError(f"stop-after step must be an integer in [0, {steps - 1}], got {s!r}")
     return sigma_to_tau(karras_sigmas(steps, sigma_min, sigma_max, rho)[s]).item()
+
+
+def karras_taus(steps=35, stop_after_step=None, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """The release's grid for `euler_on`: the flow times tau_i = sigma_i / (1 + sigma_i) of the Karras sigmas.
+
+    Full denoising (stop_after_step None): tau_0 .. tau_{N-1}, 0: N steps, the last one onto data.
+    Partial (stop_after_step = s): tau_0 .. tau_s, the s steps that end at tau_v_at_step(s) (s = 0: none).
+    Float64, (N + 1,) or (s + 1,). The grid starts at tau_0 = 80/81, not 1, and the sampler there on x = tau_0 eps
+    (EDM's pure noise sigma_max eps, in flow units), not on the path's (1 - tau_0) x0 + tau_0 eps.
+    Euler on it is the EDM Euler step of diffusers' Cosmos2VideoToWorldPipeline (tests/test_pipeline_parity.py);
+    that pipeline stops at sigma_min by default, i.e. stop_after_step = N - 1.
+    """
+    taus = sigma_to_tau(karras_sigmas(steps, sigma_min, sigma_max, rho))
+    if stop_after_step is None:
+        return torch.cat([taus, taus.new_zeros(1)])
+    if not isinstance(stop_after_step, int) or not 0 <= stop_after_step < steps:
+        raise ValueError(f"stop-after step must be an integer in [0, {steps - 1}], got {stop_after_step!r}")
+    return taus[:stop_after_step + 1]
 
 # ----------------------------------------------------------------------------- training-time samplers
 

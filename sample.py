@@ -3,7 +3,8 @@
 One replan (the paper's inference, Sec. "Inference" of ../shared/reference/mimic-video-method.md):
   1. encode the H_o history frames into clean context latents, the instruction into text states;
   2. put noise on the F future latent frames and integrate the video flow from tau = 1 to tau_v
-     (Euler, `video_steps` steps; tau_v = 1, the default, is zero steps);
+     (Euler, `video_steps` steps; tau_v = 1, the default, is zero steps), or as the release does, stop after step
+     s of the 35-step Karras schedule (`stop_after_step`: flow.karras_taus, tau_v = flow.tau_v_at_step(s));
   3. run blocks 0..k of the video model once on that partially denoised video: the layer-k states are the plan;
   4. integrate the action flow from tau_a = 1 to 0 (10 Euler steps), the decoder cross-attending to the plan
      (its keys and values computed once per replan).
@@ -37,9 +38,12 @@ class VAMPolicy:
     `run` describes what the models were trained on (train.run_meta, stored with the checkpoints): the window (H_o,
     H_a, strides), the frame shape, the proprio and action ranges, the encoders, and the default inference settings
     (k, tau_v, steps), which keyword arguments override. Inputs are checked against it at the door.
+    stop_after_step = s replaces tau_v and video_steps by the release's grid: s Euler steps on the Karras schedule
+    from tau_0 = 80/81, ending at tau_v = flow.tau_v_at_step(s), as diffusers' Cosmos2VideoToWorldPipeline steps.
     """
 
-    def __init__(self, video, decoder, run, *, k=None, tau_v=None, video_steps=None, action_steps=None, seed=0):
+    def __init__(self, video, decoder, run, *, k=None, tau_v=None, video_steps=None, action_steps=None,
+                 stop_after_step=None, seed=0):
         self.video, self.decoder, self.run = video.eval(), decoder.eval(), run
         self.spec = data.WindowSpec(**run["window"])
         self.k = run["k"] if k is None else k
@@ -47,6 +51,12 @@ class VAMPolicy:
         if not 0 < self.tau_v <= 1:
             raise ValueError(f"tau_v must lie in (0, 1], got {self.tau_v}")
         self.video_steps = 0 if self.tau_v == 1 else video_steps or run["video_steps"]   # 1 -> 1 integrates nothing
+        self.video_taus = None   # None: the uniform grid 1 -> tau_v; else the release's grid (flow.karras_taus)
+        if stop_after_step is not None:
+            if tau_v is not None or video_steps is not None:
+                raise ValueError("stop_after_step sets both tau_v and the video steps: give it alone")
+            self.video_taus = flow.karras_taus(stop_after_step=stop_after_step)
+            self.tau_v, self.video_steps = self.video_taus[-1].item(), stop_after_step
         self.action_steps = action_steps or run["action_steps"]
         self.frame_shape = tuple(run["frame_shape"])
         self.proprio_norm, self.action_norm = data.Normalizer(run["proprio_range"]), data.Normalizer(run["action_range"])
@@ -103,7 +113,10 @@ class VAMPolicy:
     def plan_encoded(self, context, text):
         """Steps 2-3 on encoded inputs: context latents (N, C, >= n_cond, h, w), text states (N, L, D)."""
         velocity, noise = self._start(context, text)
-        x = flow.euler(velocity, noise, 1.0, self.tau_v, self.video_steps)
+        if self.video_taus is None:
+            x = flow.euler(velocity, noise, 1.0, self.tau_v, self.video_steps)
+        else:   # the release's sampler starts at tau_0 < 1 on x = tau_0 eps (see flow.karras_taus)
+            x = flow.euler_on(velocity, self.video_taus[0].item() * noise, self.video_taus)
         return self.video.video2world_hidden_states(x, self.tau_v, text, context, self.n_cond, self.k), x
 
     @torch.no_grad()
@@ -173,6 +186,8 @@ def main(argv=None):
     p.add_argument("--episodes", type=int, default=25, help="held-out episodes per task")
     p.add_argument("--tau-v", type=float, default=None, help="video flow time to stop at (1: no video steps)")
     p.add_argument("--video-steps", type=int, default=None, help="Euler steps from 1 to tau_v when tau_v < 1")
+    p.add_argument("--stop-after-step", type=int, default=None, help="instead of --tau-v / --video-steps, the "
+                   "release's: stop after step s of the 35-step Karras schedule (0: one pass at sigma = 80)")
     p.add_argument("--k", type=int, default=None, help="video block whose states the decoder reads (default: "
                    "the one it was trained on; another k is only meaningful for a decoder trained on it)")
     p.add_argument("--action-steps", type=int, default=None, help="Euler steps of the action flow")
@@ -183,7 +198,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         policy, meta = VAMPolicy.load(args.out, args.device, tau_v=args.tau_v, k=args.k, video_steps=args.video_steps,
-                                      action_steps=args.action_steps)
+                                      action_steps=args.action_steps, stop_after_step=args.stop_after_step)
     except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from None
     run = meta["run"]

@@ -118,6 +118,51 @@ def _bcast(tau, x):
     tau = torch.as_tensor(tau, dtype=x.dtype)
     return tau.view(-1, *([1] * (x.ndim - 1))) if tau.ndim == 1 else tau
 
+grids = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12).map(lambda t: sorted(t, reverse=True))
+
+
+@given(seeds, st.lists(st.floats(1e-3, 1.0), max_size=12), st.booleans())
+def test_euler_on_any_grid_follows_the_straight_path(seed, grid, to_zero):
+    # the straight-path field of test_euler_follows_the_straight_path_from_any_start, on a grid of any spacing
+    # (evaluated at every time but the last, so only the last may be 0)
+    x0, x1 = randn(seed, 5), randn(seed + 1, 5)
+    grid = [1.0] + sorted(grid, reverse=True) + [0.0] * to_zero
+    x = flow.euler_on(lambda x, tau: (x - x0) / tau, x1, grid)
+    torch.testing.assert_close(x, x0 + grid[-1] * (x1 - x0), rtol=0, atol=1e-10)
+
+
+@given(grids)
+def test_euler_on_step_rule_on_a_linear_ode(grid):
+    # dx/dtau = x: each step multiplies by 1 + (tau_{i+1} - tau_i)
+    x = flow.euler_on(lambda x, tau: x, torch.ones(1, dtype=torch.float64), grid)
+    assert x.item() == pytest.approx(math.prod(1 + b - a for a, b in zip(grid, grid[1:])), rel=1e-12)
+
+
+@given(seeds, grids, grids)
+def test_euler_on_a_grid_in_two_legs_equals_the_whole_grid(seed, g1, g2):
+    x0 = randn(seed, 6)
+    field = lambda x, tau: torch.sin(3 * x) * tau - x0   # noqa: E731
+    g2 = [t * g1[-1] for t in g2]   # the second leg starts where the first ends, below it
+    two_legs = flow.euler_on(field, flow.euler_on(field, x0, g1 + g2[:1]), g2)
+    torch.testing.assert_close(two_legs, flow.euler_on(field, x0, g1 + g2), rtol=0, atol=0)
+
+
+@given(seeds, steps, taus)
+def test_euler_on_the_uniform_grid_is_euler(seed, n, tau_end):
+    x1 = randn(seed, 4)
+    field = lambda x, tau: -torch.cos(x) * (1 + tau)   # noqa: E731
+    grid = [1 + (tau_end - 1) * i / n for i in range(n)] + [tau_end]
+    torch.testing.assert_close(flow.euler_on(field, x1, grid), flow.euler(field, x1, 1.0, tau_end, n),
+                               rtol=0, atol=1e-12)
+
+
+def test_euler_on_a_single_time_is_the_identity_and_never_calls_the_network():
+    x = torch.zeros(3)
+    def never(x, tau):
+        raise AssertionError("velocity called on a grid without a step")
+    assert flow.euler_on(never, x, [0.4]) is x
+    assert flow.euler_on(never, x, flow.karras_taus(35, stop_after_step=0)) is x
+
 # ----------------------------------------------------------------------------- sigma <-> tau, Karras
 
 @given(st.floats(0.0, 1e8))
@@ -169,6 +214,38 @@ def test_tau_v_of_the_release_stop_after_step():
     taus = [flow.tau_v_at_step(s) for s in range(35)]
     assert all(a > b for a, b in zip(taus, taus[1:]))
     assert taus[-1] == pytest.approx(0.002 / 1.002, rel=1e-9)
+
+@given(st.integers(2, 60))
+def test_karras_taus_are_the_karras_sigmas_as_flow_times_then_zero(n):
+    taus, sigmas = flow.karras_taus(n), flow.karras_sigmas(n)
+    assert taus.dtype == torch.float64 and len(taus) == n + 1 and taus[-1].item() == 0.0
+    torch.testing.assert_close(taus[:-1], sigmas / (1 + sigmas), rtol=1e-15, atol=0)
+    assert taus[0].item() == pytest.approx(80 / 81, rel=1e-12) and (taus[1:] < taus[:-1]).all()
+
+
+@given(st.integers(2, 60), st.data())
+def test_karras_taus_stopped_after_step_s_end_at_the_release_tau_v(n, data):
+    s = data.draw(st.integers(0, n - 1))
+    partial = flow.karras_taus(n, stop_after_step=s)
+    assert len(partial) == s + 1 and torch.equal(partial, flow.karras_taus(n)[:s + 1])
+    assert partial[-1].item() == pytest.approx(flow.tau_v_at_step(s, n), rel=1e-12)
+
+
+@given(seeds, st.integers(2, 40), st.booleans())
+def test_flow_euler_on_karras_taus_is_edm_euler_on_the_karras_sigmas(seed, n, to_zero):
+    # The Cosmos sampler's step in EDM units, x_sigma = (1 + sigma) x_tau: x' = x + (sigma' - sigma)(x - D) / sigma
+    # for a denoiser D (its x0 prediction), from x = sigma_max eps. In flow time with v = (x_tau - D) / tau it is the
+    # flow's Euler step on karras_taus, from x = tau_0 eps: the two samplers are one map, for any denoiser.
+    x0, eps = randn(seed, 7), randn(seed + 1, 7)
+    denoise = lambda x_sigma, sigma: torch.tanh(x_sigma / (1 + sigma)) * x0   # noqa: E731, any smooth D
+    sigmas = torch.cat([flow.karras_sigmas(n), torch.zeros(1, dtype=torch.float64)])[:None if to_zero else -1]
+    x = sigmas[0] * eps
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (sigma_next - sigma) * (x - denoise(x, sigma)) / sigma
+    taus = flow.karras_taus(n, stop_after_step=None if to_zero else n - 1)
+    velocity = lambda x, tau: (x - denoise(x / (1 - tau), tau / (1 - tau))) / tau   # noqa: E731
+    x_tau = flow.euler_on(velocity, taus[0] * eps, taus)
+    torch.testing.assert_close((1 + sigmas[-1]) * x_tau, x, rtol=1e-9, atol=1e-9)
 
 # ----------------------------------------------------------------------------- samplers vs analytic CDFs
 
@@ -273,6 +350,9 @@ def test_sinusoidal_embedding_is_bi_lipschitz_on_the_unit_interval(t1, t2):
     (lambda: flow.karras_sigmas(1), "steps >= 2"),
     (lambda: flow.karras_sigmas(10, 1.0, 0.5), "sigma_min < sigma_max"),
     (lambda: flow.tau_v_at_step(35), "stop-after step"),
+    (lambda: flow.karras_taus(35, stop_after_step=35), "stop-after step"),
+    (lambda: flow.euler_on(lambda x, t: x, torch.zeros(2), []), "at least one time"),
+    (lambda: flow.euler_on(lambda x, t: x, torch.zeros(2), [1.0, -0.5]), "tau must lie in"),
     (lambda: flow.sample_tau_video(10, 0), "T_latent"),
     (lambda: flow.sample_tau_action(10, alpha=0.0), "Beta parameters must be > 0"),
     (lambda: flow.sample_tau_action(10, beta=-1.0), "Beta parameters must be > 0"),
