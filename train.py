@@ -19,12 +19,11 @@ each process takes its rows; the loss (video_loss, action_loss); gradients avera
 resumed run sees the same data as an uninterrupted one, and N data-parallel processes compute the same averaged
 gradient as one process.
 
-Not here: the configuration and its presets (config.py), the checkpoint files (checkpoints.py), the policy and its
-inference (sample.py).
+Not here: the configuration and its presets (config.py), the checkpoint files (checkpoints.py), processes, data
+parallelism and FSDP2 (parallel.py), the policy and its inference (sample.py).
 """
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -32,8 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 import checkpoints
 import config
@@ -44,50 +41,11 @@ import evaluation
 import expert
 import flow
 import latent_data
+import parallel
 import video_model
 import world
 from action_decoder import ActionDecoder, ActionDecoderConfig, preset as decoder_preset
 from sample import VAMPolicy
-
-# ----------------------------------------------------------------------------- processes and devices
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """This process: its rank among world_size data-parallel processes, its device, and whether its forward passes
-    run under bf16 autocast (--precision bf16 on CUDA)."""
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    bf16: bool = False
-
-    def autocast(self):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
-
-    def log(self, *msg):
-        if self.rank == 0:
-            print(*msg, flush=True)
-
-    def rows(self, batch):
-        """This process's rows of a global batch (a dataclass of tensors): every world_size-th, from its rank."""
-        return type(batch)(**{f.name: getattr(batch, f.name)[self.rank::self.world_size].to(self.device)
-                              for f in fields(batch)})
-
-
-def setup(cfg):
-    """The Runtime. Under torchrun: one process group, every process a slice of each batch."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    bf16 = cfg.precision == "bf16" and device.type == "cuda"   # on the CPU a bf16 base runs without autocast
-    if "RANK" not in os.environ:
-        return Runtime(0, 1, device, bf16)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    return Runtime(dist.get_rank(), dist.get_world_size(), device, bf16)
 
 # ----------------------------------------------------------------------------- one step of each stage
 
@@ -183,14 +141,6 @@ def step_generator(seed, stage, step):
     return torch.Generator().manual_seed(seed * 1_000_003 + {"video": 1, "action": 2}[stage] * 100_000_007 + step)
 
 
-def average_gradients(params, world_size):
-    """Data parallelism: each process holds the gradient of the mean loss over its rows; averaging over processes
-    gives the gradient of the mean over the whole batch (equal row counts)."""
-    for p in params:
-        dist.all_reduce(p.grad)
-        p.grad /= world_size
-
-
 class TauBinnedLoss:
     """The loss averaged per bin of the flow time since the last log line: the flow-matching diagnostic. Near
     tau = 0 the input is almost clean and the noise it must predict almost invisible, so the loss is highest there."""
@@ -231,7 +181,7 @@ def train_stage(stage, module, step_loss, s, cfg, rt, resume, sharded=False):
         loss.backward()
         if rt.world_size > 1:   # every process saw its rows of the global batch: average over processes
             if not sharded:     # (FSDP2 has reduce-scattered the averaged gradients in the backward)
-                average_gradients(params, rt.world_size)
+                parallel.average_gradients(params, rt.world_size)
             loss = loss.detach().clone()
             dist.all_reduce(loss)
             loss /= rt.world_size
@@ -252,7 +202,7 @@ def train_stage(stage, module, step_loss, s, cfg, rt, resume, sharded=False):
         if step % cfg.ckpt_every == 0 or step == s.steps:
             tensors = checkpoints.state_tensors(module, opt)
             if sharded:   # every process gathers; one writes
-                tensors = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in tensors.items()}
+                tensors = parallel.whole(tensors)
             if rt.rank == 0:
                 checkpoints.save_state(state_path, tensors, step, asdict(cfg))
             last_good = step
@@ -260,35 +210,11 @@ def train_stage(stage, module, step_loss, s, cfg, rt, resume, sharded=False):
 
 
 def _resume_state(path, module, opt, cfg, sharded):
-    def place(tensor, param):   # a whole tensor from the file, as this process's shard of a sharded parameter's
-        if isinstance(param, DTensor) and tensor.shape == param.shape:
-            return distribute_tensor(tensor.to(param.dtype), param.device_mesh, param.placements)
-        return tensor.to(param.device)
-
     try:
-        return checkpoints.load_state(path, module, opt, asdict(cfg), place if sharded else None)
+        return checkpoints.load_state(path, module, opt, asdict(cfg), parallel.shard_like if sharded else None)
     except ValueError as e:
         raise SystemExit(f"{e}; delete it to restart that stage") from None
 
-
-def shard(video):
-    """FSDP2: every DiT block one unit, the rest of the model another. Each process keeps 1/N of every parameter,
-    gradient and AdamW moment; a unit's weights are gathered for its forward and its backward only."""
-    for block in video.blocks:
-        fully_shard(block)
-    return fully_shard(video)
-
-
-def gathered(video):
-    """The whole model, on every process, from an FSDP2-sharded one (a collective: every process calls it)."""
-    full = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in video.state_dict().items()}
-    with torch.device("meta"):
-        plain = video_model.VideoDiT(video.cfg)
-    if video.lora_config() is not None:
-        plain.add_lora(*video.lora_config())
-    plain.load_state_dict(full, assign=True)
-    plain.checkpoint_blocks = video.checkpoint_blocks
-    return plain
 
 # ----------------------------------------------------------------------------- data and models
 
@@ -471,11 +397,11 @@ def video_stage(cfg, rt, run, video, resume):
 
         sharded = cfg.parallel == "fsdp" and rt.world_size > 1
         if sharded:
-            video = shard(video)
+            video = parallel.shard(video)
         video.train()
         train_stage("video", video, step_loss, cfg.video, cfg, rt, resume, sharded)
         if sharded:
-            video = gathered(video)
+            video = parallel.gathered(video)
         if cfg.video.pretrained:
             video.fuse_lora()   # in fp32, then one cast to the base's dtype
         if rt.rank == 0:
@@ -527,7 +453,7 @@ def evaluate(cfg, policy, run):
 
 def main(argv=None):
     cfg, resume = config.parse_args(argv, __doc__)
-    rt = setup(cfg)
+    rt = parallel.setup(cfg)
     for stage in ("video", "action"):
         if getattr(cfg, stage).batch_size % rt.world_size:
             raise SystemExit(f"--{stage}.batch_size {getattr(cfg, stage).batch_size} does not split over "

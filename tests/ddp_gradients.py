@@ -12,11 +12,12 @@ import torch.distributed as dist
 import config
 import data
 import encoders
+import parallel
 import train
 
 world_data, out_file = sys.argv[1], sys.argv[2]
 cfg, _ = config.parse_args(["--preset", "smoke", "--world_data", world_data])
-rt = train.setup(cfg)
+rt = parallel.setup(cfg)
 assert rt.world_size == 2, "run me with torchrun --nproc_per_node 2"
 run = train.load_data(cfg, rt)
 tokenizer = encoders.SpaceToDepth(cfg.tokenizer_factor)
@@ -48,9 +49,9 @@ def gradients(stage, runtime):
 
 worst, largest, count = 0.0, 0.0, 0
 for stage in ("video", "action"):
-    single = [p.grad.clone() for p in gradients(stage, train.Runtime(0, 1, rt.device))]
+    single = [p.grad.clone() for p in gradients(stage, parallel.Runtime(0, 1, rt.device))]
     params = gradients(stage, rt)
-    train.average_gradients(params, rt.world_size)
+    parallel.average_gradients(params, rt.world_size)
     for p, ref in zip(params, single):
         worst = max(worst, (p.grad - ref).abs().max().item())
         largest = max(largest, ref.abs().max().item())

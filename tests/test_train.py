@@ -21,6 +21,7 @@ import config
 import data
 import encoders
 import flow
+import parallel
 import sample
 import train
 from action_decoder import ActionDecoder, preset as decoder_preset
@@ -79,7 +80,7 @@ def test_smoke_run_trains_both_stages_and_evaluates(finished_run, world_data):
     # the checkpoints load, and training lowered the loss on the first batch each stage saw
     cfg, _ = config.parse_args(smoke(out, world_data))
     torch.manual_seed(cfg.seed)
-    run = train.load_data(cfg, train.Runtime())
+    run = train.load_data(cfg, parallel.Runtime())
     initial_video = train.build_video(cfg, run, "cpu")
     policy, _ = VAMPolicy.load(out)
     initial_decoder = train.build_decoder(cfg, run, policy.video)
@@ -245,7 +246,7 @@ def tiny_models(run_data, cfg):
 @pytest.fixture(scope="module")
 def smoke_data(world_data, tmp_path_factory):
     cfg, _ = config.parse_args(smoke(tmp_path_factory.mktemp("unused"), world_data))
-    return cfg, train.load_data(cfg, train.Runtime())
+    return cfg, train.load_data(cfg, parallel.Runtime())
 
 
 def test_gradients_never_reach_the_video_model(smoke_data):
