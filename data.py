@@ -50,6 +50,8 @@ import checkpoints
 
 FORMAT = "mimic-video-episodes"
 VERSION = 1
+REQUIRED = ("frame_shape", "proprio_dim", "action_dim", "control_hz", "proprio_range", "action_range",
+            "action_pad", "shards", "episodes")   # the manifest's keys
 MANIFEST = "manifest.json"
 PAD_RULES = ("zero", "hold")
 
@@ -145,19 +147,19 @@ def _write_shard(root, episodes, manifest):
                               "task": ep.task or ep.instruction, "info": ep.info} for ep in episodes]
 
 
-def read_manifest(root):
+def read_manifest(root, format=FORMAT, version=VERSION, required=REQUIRED, unfinished="its writing was interrupted"):
+    """The manifest of a dataset folder, checked for its format, version and required keys (latent_data.py reads
+    its variant with its own)."""
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a dataset directory (or its writing was interrupted)")
+        raise FileNotFoundError(f"{path} not found: not a dataset directory (or {unfinished})")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{path}: expected format {FORMAT!r} version {VERSION}, found "
+    if manifest.get("format") != format or manifest.get("version") != version:
+        raise ValueError(f"{path}: expected format {format!r} version {version}, found "
                          f"{manifest.get('format')!r} version {manifest.get('version')}")
-    required = ("frame_shape", "proprio_dim", "action_dim", "control_hz", "proprio_range", "action_range",
-                "action_pad", "shards", "episodes")
     missing = [k for k in required if k not in manifest]
     if missing:
         raise ValueError(f"{path} lacks the keys {missing}")

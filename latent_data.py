@@ -50,6 +50,7 @@ import data
 
 FORMAT = "mimic-video-latents"
 VERSION = 1
+REQUIRED = ("latent_shape", "dtype", "context_frames", "window", "every", "encoders", "text", *data.REQUIRED)
 MANIFEST = "manifest.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,22 +83,8 @@ def check_file(path, entry):
 
 
 def read_manifest(root):
+    m = data.read_manifest(root, FORMAT, VERSION, REQUIRED, unfinished="its pre-encoding is unfinished")
     path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a dataset directory (or its pre-encoding is unfinished)")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise ValueError(f"{path}: expected format {FORMAT!r} version {VERSION}, found {m.get('format')!r} "
-                         f"version {m.get('version')}")
-    required = ("latent_shape", "dtype", "context_frames", "window", "every", "encoders", "frame_shape",
-                "proprio_dim", "action_dim", "control_hz", "proprio_range", "action_range", "action_pad", "text",
-                "shards", "episodes")
-    missing = [k for k in required if k not in m]
-    if missing:
-        raise ValueError(f"{path} lacks the keys {missing}")
     if m["dtype"] not in DTYPES:
         raise ValueError(f"{path}: dtype {m['dtype']!r}, expected one of {sorted(DTYPES)}")
     return m

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from encoders import SpaceToDepth, TextEncoder
+import tiny_models
 
 # ----------------------------------------------------------------------------- the tokenizer stand-in
 
@@ -86,19 +87,6 @@ def history_frames(n=5, size=(40, 56), seed=0):
     return (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()   # (n, H, W, 3)
 
 
-class NoSafetyChecker:
-    """The pipeline refuses to run without a safety checker (NVIDIA's guardrail package); as diffusers' own tests."""
-
-    def check_text_safety(self, prompt):
-        return True
-
-    def check_video_safety(self, video):
-        return video
-
-    def to(self, device):
-        return self
-
-
 def pipeline_inputs(cosmos_folder, frames, prompt, height, width, num_frames):
     """What diffusers' Cosmos2VideoToWorldPipeline feeds its transformer at the first step for these history frames
     (given as PIL images) and prompt: the transformer's keyword arguments. Run with the posterior mean (below)."""
@@ -117,7 +105,7 @@ def pipeline_inputs(cosmos_folder, frames, prompt, height, width, num_frames):
         text_encoder=T5EncoderModel.from_pretrained(cosmos_folder, subfolder="text_encoder"),
         tokenizer=AutoTokenizer.from_pretrained(cosmos_folder, subfolder="tokenizer"), transformer=transformer,
         vae=AutoencoderKLWan.from_pretrained(cosmos_folder, subfolder="vae"),
-        scheduler=FlowMatchEulerDiscreteScheduler(), safety_checker=NoSafetyChecker())
+        scheduler=FlowMatchEulerDiscreteScheduler(), safety_checker=tiny_models.NoSafetyChecker())
     pipe.set_progress_bar_config(disable=True)
     mean = lambda output, generator=None, sample_mode=None: output.latent_dist.mode()   # noqa: E731
     with pytest.MonkeyPatch.context() as mp:

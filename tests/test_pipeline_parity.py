@@ -28,25 +28,13 @@ import pytest
 import torch
 
 import flow
+import tiny_models
 
 PROMPT = "pick up the green block and put it on the yellow pad"
 STEPS = 35                       # the release's schedule
 HEIGHT, WIDTH, NUM_FRAMES = 32, 48, 13   # 4 latent frames of 4 x 6
 HISTORY = 5                      # 5 history frames -> 2 context latent frames
 SIGMA_MIN = 0.002
-
-
-class NoSafetyChecker:
-    """The pipeline refuses to run without one (NVIDIA's guardrail package); as diffusers' own tests."""
-
-    def check_text_safety(self, prompt):
-        return True
-
-    def check_video_safety(self, video):
-        return video
-
-    def to(self, device):
-        return self
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +85,7 @@ def run_pipeline(reference, cosmos_folder, frames, eps, final_sigmas_type):
         text_encoder=T5EncoderModel.from_pretrained(cosmos_folder, subfolder="text_encoder"),
         tokenizer=AutoTokenizer.from_pretrained(cosmos_folder, subfolder="tokenizer"), transformer=reference,
         vae=AutoencoderKLWan.from_pretrained(cosmos_folder, subfolder="vae"),
-        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), safety_checker=NoSafetyChecker())
+        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), safety_checker=tiny_models.NoSafetyChecker())
     pipe.scheduler.register_to_config(final_sigmas_type=final_sigmas_type)   # the pipeline set "sigma_min"
     pipe.set_progress_bar_config(disable=True)
     after_step, fed = [], []
