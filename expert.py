@@ -122,6 +122,10 @@ def demonstrate(task, seed, config=WorldConfig()):
     return episode, info["success"]
 
 
+# the manifest's source.generator of the built-in world's datasets; "world.generate_dataset" before expert.py existed
+GENERATOR, FORMER_GENERATORS = "expert.generate_dataset", ("world.generate_dataset",)
+
+
 def generate_dataset(root, tasks=TASK_SETS["goal4"], episodes_per_task=100, seed=0, config=WorldConfig(),
                      episodes_per_shard=100):
     """Write `episodes_per_task` successful expert demonstrations of each task to `root` (data.py's format).
@@ -151,7 +155,7 @@ def generate_dataset(root, tasks=TASK_SETS["goal4"], episodes_per_task=100, seed
     return data.write_dataset(
         root, episodes(), control_hz=config.control_hz, proprio_range=[[-1, 1]] * 3, action_range=[[-1, 1]] * 3,
         action_pad=["zero", "zero", "hold"], description=DESCRIPTION, episodes_per_shard=episodes_per_shard,
-        source={"generator": "expert.generate_dataset", "tasks": list(tasks), "episodes_per_task": episodes_per_task,
+        source={"generator": GENERATOR, "tasks": list(tasks), "episodes_per_task": episodes_per_task,
                 "seed": seed, "config": asdict(config)})
 
 # ----------------------------------------------------------------------------- policies for reference

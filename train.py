@@ -251,7 +251,7 @@ def load_data(cfg, rt):
     except (OSError, ValueError) as e:   # missing, truncated or inconsistent files: data.py names the file
         raise SystemExit(f"data: {e}") from None
     source = dataset.manifest.get("source", {})
-    has_world = source.get("generator") == "expert.generate_dataset"
+    has_world = source.get("generator") in (expert.GENERATOR, *expert.FORMER_GENERATORS)
     episodes, held_out = np.arange(len(dataset)), np.array([], dtype=np.int64)
     if not has_world:   # no environment to evaluate in: keep some episodes of each task back for the action error
         episodes, held_out = data.split_by_task(dataset.tasks, cfg.holdout)

@@ -216,6 +216,21 @@ def test_nan_loss_stops_with_stage_and_step(tmp_path, world_data, monkeypatch):
     assert (tmp_path / "video.safetensors").is_file()   # stage 1's result is kept
 
 
+def test_a_world_dataset_written_before_expert_py_is_still_evaluated_in_the_world(finished_run, world_data, tmp_path):
+    """Datasets generated before the refactor name their generator "world.generate_dataset": still the built-in
+    world's, so closed-loop evaluation, not a held-out split."""
+    shutil.copytree(world_data, tmp_path / "data")
+    manifest = tmp_path / "data" / data.MANIFEST
+    m = json.loads(manifest.read_text())
+    m["source"]["generator"] = "world.generate_dataset"
+    manifest.write_text(json.dumps(m))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        train.main(["--preset", "smoke", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    assert "held out" not in stdout.getvalue()
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["episodes"] == 8
+
+
 def test_missing_dataset_is_named(tmp_path):
     with pytest.raises(SystemExit, match="manifest.json"):
         train.main(["--preset", "smoke", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
