@@ -1,4 +1,4 @@
-"""LIBERO end to end, in LIBERO's own environment (tests/libero_venv.py builds it once per machine; where it cannot,
+"""LIBERO end to end, in LIBERO's own environment (`python tests/libero_venv.py` builds it once per machine; until then,
 these tests skip and say exactly why): the observation conversion on a real frame against openpi's client, one short
 libero_goal episode of a tiny untrained policy in process and through the server, openpi's own client against the
 server, scripted actions that move the end effector where the action conversion says, and the command line with
