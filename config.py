@@ -56,6 +56,8 @@ class ActionStage(Optim):
     tau_a_alpha: float = arg(1.5, "tau_a ~ 0.001 + 0.999 Beta(alpha, beta): the paper's 1.5, the release's 1")
     tau_a_beta: float = arg(1.0, "tau_a ~ 0.001 + 0.999 Beta(alpha, beta)")
     proprio_dropout: float = arg(0.2, "share of training examples whose proprio token is the learned mask token")
+    repeats: int = arg(1, "action draws (tau_a, noise) per video example in a batch: the frozen video model runs on "
+                          "batch_size / repeats examples per step (an efficiency choice, not the paper's)")
 
 
 @dataclass
@@ -227,6 +229,9 @@ def check(cfg):
             ok = False
         if not ok:
             problems.append(f"--action.tau_v must be 'uniform' or a number in (0, 1], got {cfg.action.tau_v!r}")
+    if cfg.action.repeats < 1 or cfg.action.batch_size % cfg.action.repeats:
+        problems.append(f"--action.repeats must be >= 1 and divide --action.batch_size {cfg.action.batch_size}, "
+                        f"got {cfg.action.repeats}")
     if not 0 <= cfg.action.proprio_dropout <= 1:
         problems.append(f"--action.proprio_dropout must lie in [0, 1], got {cfg.action.proprio_dropout}")
     if not 0 <= cfg.holdout < 1:

@@ -87,17 +87,21 @@ def draw_video_batch(g, windows, tokenizer, batch_size):
 
 def draw_action_batch(g, windows, tokenizer, norms, s):
     """A global batch for stage 2 and all its random draws: windows; tau_v (uniform on (0, 1] or fixed) and the
-    video noise; tau_a ~ 0.001 + 0.999 Beta(alpha, beta) and the action noise; which proprio tokens are dropped."""
-    B = s.batch_size
-    b = windows.sample(B, g)
+    video noise; tau_a ~ 0.001 + 0.999 Beta(alpha, beta) and the action noise; which proprio tokens are dropped.
+    With s.repeats = R > 1 it draws B / R video examples (window, tau_v, video noise) and tiles them R times, each
+    copy with its own action draws (tau_a, action noise, proprio dropout): rows j and j + B / R share a video
+    example, so action_loss runs the frozen video model on the first B / R rows of each process's slice only."""
+    B, R = s.batch_size, s.repeats
+    b = windows.sample(B // R, g)
     x0 = clean_latents(b, tokenizer)
-    tau_v = 1 - torch.rand(B, generator=g) if s.tau_v == "uniform" else torch.full((B,), float(s.tau_v))
+    tau_v = 1 - torch.rand(B // R, generator=g) if s.tau_v == "uniform" else torch.full((B // R,), float(s.tau_v))
     eps_v = torch.randn(x0.shape, generator=g)
     tau_a = flow.sample_tau_action(B, s.tau_a_alpha, s.tau_a_beta, g)
-    eps_a = torch.randn(b["actions"].shape, generator=g)
+    eps_a = torch.randn((B, *b["actions"].shape[1:]), generator=g)
     drop = torch.rand(B, generator=g) < s.proprio_dropout
-    return ActionBatch(x0, b["text"], tau_v, eps_v, norms[0](b["proprio"]), norms[1](b["actions"]), tau_a, eps_a,
-                       drop)
+    tile = lambda t: t.repeat(R, *(1,) * (t.ndim - 1))   # noqa: E731
+    return ActionBatch(tile(x0), tile(b["text"]), tile(tau_v), tile(eps_v), tile(norms[0](b["proprio"])),
+                       tile(norms[1](b["actions"])), tau_a, eps_a, drop)
 
 
 def video_loss(video, batch, n_cond):
@@ -111,12 +115,15 @@ def video_loss(video, batch, n_cond):
     return per_sample.mean(), per_sample, batch.tau_v
 
 
-def action_loss(video, decoder, batch, n_cond, k):
+def action_loss(video, decoder, batch, n_cond, k, repeats=1):
     """The decoder's flow loss on the frozen video model's layer-k states, which it reads from ground-truth future
-    latents noised to tau_v (the states the video model would give mid-way through denoising)."""
+    latents noised to tau_v (the states the video model would give mid-way through denoising). repeats: the batch
+    is its first len / repeats rows tiled (draw_action_batch), so the states of those rows serve every copy."""
+    n = len(batch.x0) // repeats
     with torch.no_grad():
-        x_tau = flow.interpolate(batch.x0, batch.eps_v, batch.tau_v)
-        states = video.video2world_hidden_states(x_tau, batch.tau_v, batch.text, batch.x0, n_cond, k)
+        x_tau = flow.interpolate(batch.x0[:n], batch.eps_v[:n], batch.tau_v[:n])
+        states = video.video2world_hidden_states(x_tau, batch.tau_v[:n], batch.text[:n], batch.x0[:n], n_cond, k)
+    states = states.repeat(repeats, 1, 1)
     per_sample = decoder.loss(states, batch.tau_v, batch.proprio, batch.actions, batch.tau_a, batch.eps_a,
                               batch.drop_proprio)
     return per_sample.mean(), per_sample, batch.tau_a
@@ -420,7 +427,7 @@ def action_stage(cfg, rt, run, video, resume):
 
     def step_loss(g):
         batch = rt.rows(draw_action_batch(g, run.windows, run.tokenizer, norms, cfg.action))
-        return action_loss(video, decoder, batch, run.n_cond, cfg.action.k)
+        return action_loss(video, decoder, batch, run.n_cond, cfg.action.k, cfg.action.repeats)
 
     decoder.train()
     train_stage("action", decoder, step_loss, cfg.action, cfg, rt, resume)
@@ -458,6 +465,9 @@ def main(argv=None):
         if getattr(cfg, stage).batch_size % rt.world_size:
             raise SystemExit(f"--{stage}.batch_size {getattr(cfg, stage).batch_size} does not split over "
                              f"{rt.world_size} processes")
+    if cfg.action.batch_size // cfg.action.repeats % rt.world_size:
+        raise SystemExit(f"--action.batch_size / --action.repeats = {cfg.action.batch_size // cfg.action.repeats} "
+                         f"video examples do not split over {rt.world_size} processes")
     out = Path(cfg.out)
     if not resume and any(out.glob("*.safetensors")):
         raise SystemExit(f"{out} already holds a run; pass --resume to continue it, or choose another --out")

@@ -5,7 +5,7 @@ time) against everything else (drawing the batch, elementwise ops, norms, the op
 into the frozen video model's blocks 0..k (no gradient) and the decoder's forward, backward and AdamW.
 
     python benchmarks/train_profile.py                        # the default run (world preset)
-    python benchmarks/train_profile.py --preset world --threads 2 --action.k 1   # any train.py flag
+    python benchmarks/train_profile.py --action.repeats 4     # any train.py flag
 
 Run it alone: on 2 cores a second busy process takes about three quarters of the matmul rate.
 """
@@ -103,17 +103,21 @@ def main():
 
     def action_step():
         loss = train.action_loss(video, decoder, train.draw_action_batch(g, run.windows, run.tokenizer, norms,
-                                                                         cfg.action), run.n_cond, cfg.action.k)[0]
+                                                                         cfg.action), run.n_cond, cfg.action.k,
+                                 cfg.action.repeats)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    n = cfg.action.batch_size // cfg.action.repeats   # video examples per step (--action.repeats)
+
     def video_part():
         with torch.no_grad():
-            x_tau = flow.interpolate(batch.x0, batch.eps_v, batch.tau_v)
-            return video.video2world_hidden_states(x_tau, batch.tau_v, batch.text, batch.x0, run.n_cond, cfg.action.k)
+            x_tau = flow.interpolate(batch.x0[:n], batch.eps_v[:n], batch.tau_v[:n])
+            return video.video2world_hidden_states(x_tau, batch.tau_v[:n], batch.text[:n], batch.x0[:n], run.n_cond,
+                                                   cfg.action.k)
 
-    states = video_part()
+    states = video_part().repeat(cfg.action.repeats, 1, 1)
 
     def decoder_part():
         loss = decoder.loss(states, batch.tau_v, batch.proprio, batch.actions, batch.tau_a, batch.eps_a,
@@ -125,7 +129,8 @@ def main():
     B = cfg.action.batch_size
     whole = report("stage 2 (action) step", action_step, B, args.steps, peak)
     t_draw = timed(lambda: train.draw_action_batch(g, run.windows, run.tokenizer, norms, cfg.action), args.steps)
-    t_video = report(f"    the frozen video model, blocks 0..{cfg.action.k}", video_part, B, args.steps, peak)
+    t_video = report(f"    the frozen video model, blocks 0..{cfg.action.k}, on {n} video examples", video_part, n,
+                     args.steps, peak)
     t_decoder = report("    the decoder: forward, backward, AdamW", decoder_part, B, args.steps, peak)
     print(f"    shares of the step: drawing the batch {t_draw / whole:.0%}, video blocks {t_video / whole:.0%}, "
           f"decoder {t_decoder / whole:.0%}")

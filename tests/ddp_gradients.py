@@ -5,6 +5,7 @@ the processes, against the gradient of one process on the whole global batch. Wr
 """
 import json
 import sys
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ with torch.no_grad():   # move off the zero-initialised layers, so that every pa
         p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
 
 
-def gradients(stage, runtime):
+def gradients(stage, runtime, repeats=1):
     g = train.step_generator(cfg.seed, stage, 0)
     if stage == "video":
         module = video.requires_grad_(True)
@@ -39,8 +40,9 @@ def gradients(stage, runtime):
     else:
         module = decoder
         video.requires_grad_(False)
-        batch = runtime.rows(train.draw_action_batch(g, run.windows, tokenizer, norms, cfg.action))
-        loss = train.action_loss(video, decoder, batch, run.spec.history, cfg.action.k)[0]
+        s = replace(cfg.action, repeats=repeats)
+        batch = runtime.rows(train.draw_action_batch(g, run.windows, tokenizer, norms, s))
+        loss = train.action_loss(video, decoder, batch, run.spec.history, cfg.action.k, repeats)[0]
     params = [p for p in module.parameters() if p.requires_grad]
     module.zero_grad(set_to_none=True)
     loss.backward()
@@ -48,9 +50,9 @@ def gradients(stage, runtime):
 
 
 worst, largest, count = 0.0, 0.0, 0
-for stage in ("video", "action"):
-    single = [p.grad.clone() for p in gradients(stage, parallel.Runtime(0, 1, rt.device))]
-    params = gradients(stage, rt)
+for stage, repeats in (("video", 1), ("action", 1), ("action", 2)):   # repeats 2: 4 video examples, 2 per process
+    single = [p.grad.clone() for p in gradients(stage, parallel.Runtime(0, 1, rt.device), repeats)]
+    params = gradients(stage, rt, repeats)
     parallel.average_gradients(params, rt.world_size)
     for p, ref in zip(params, single):
         worst = max(worst, (p.grad - ref).abs().max().item())

@@ -241,6 +241,8 @@ def test_what_can_only_fail_later_is_refused_before_stage_1(tmp_path, world_data
     with pytest.raises(SystemExit, match=r"--action.k must name one of the video model's blocks, 0 \.\. 1"):
         train.main(smoke(tmp_path / "k", world_data, "--action.k", "2"))
     assert not (tmp_path / "k" / "video.state.safetensors").exists()
+    with pytest.raises(SystemExit, match=r"--action.repeats must be >= 1 and divide --action.batch_size 8, got 3"):
+        train.main(smoke(tmp_path / "r", world_data, "--action.repeats", "3"))
     # frames that the video tokens do not tile
     episodes = [episode(3, seed, shape=(30, 30, 3)) for seed in range(4)]
     write(tmp_path / "odd", episodes, proprio_range=[[-4, 4]] * 3, action_range=[[0, 200]] * 2)
@@ -284,6 +286,30 @@ def test_gradients_never_reach_the_video_model(smoke_data):
     assert all(p.grad is None for p in video.parameters())
     assert all(torch.equal(p, before[n]) for n, p in video.named_parameters())
     assert sum(p.grad is not None for p in decoder.parameters()) > 10
+
+
+def test_repeated_video_examples_share_their_states_and_draw_their_own_actions(smoke_data):
+    """--action.repeats R: B / R video examples, each tiled R times with its own action draws; the loss that runs
+    the video model on the B / R examples only equals the loss that runs it on every row."""
+    cfg, run = smoke_data
+    video, decoder = tiny_models(run, cfg)
+    with torch.no_grad():   # off adaLN-Zero, so that the video states depend on the video noise
+        for p in list(video.parameters()) + list(decoder.parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    tokenizer = encoders.SpaceToDepth(cfg.tokenizer_factor)
+    norms = (data.Normalizer(run.dataset.manifest["proprio_range"]), data.Normalizer(run.dataset.manifest["action_range"]))
+    s = replace(cfg.action, batch_size=8, repeats=4)
+    batch = train.draw_action_batch(torch.Generator().manual_seed(5), run.windows, tokenizer, norms, s)
+    for name in ("x0", "text", "tau_v", "eps_v", "proprio", "actions"):
+        t = getattr(batch, name)
+        assert len(t) == 8 and torch.equal(t, t[:2].repeat(4, *(1,) * (t.ndim - 1))), name
+    assert not torch.equal(batch.x0[0], batch.x0[1]) and not torch.equal(batch.eps_v[0], batch.eps_v[1])
+    assert len(set(batch.tau_a.tolist())) == 8 and len({tuple(e.flatten().tolist()) for e in batch.eps_a}) == 8
+    with torch.no_grad():
+        shared = train.action_loss(video, decoder, batch, run.spec.history, cfg.action.k, repeats=4)[1]
+        every_row = train.action_loss(video, decoder, batch, run.spec.history, cfg.action.k, repeats=1)[1]
+    torch.testing.assert_close(shared, every_row, rtol=1e-5, atol=1e-6)
+    assert shared.std() > 0
 
 
 @pytest.mark.parametrize("alpha, beta", [(1.5, 1.0), (1.0, 1.0)])
