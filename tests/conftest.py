@@ -5,7 +5,11 @@ import os
 # Triton's CPU interpreter multiplies its blocks with numpy, whose OpenBLAS threads fight torch's for the CI
 # machine's 2 cores: the kernel tests ran 4x slower with them.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# One torch thread in every test and every process a test starts: the tests' shapes are tiny, and when anything else
+# keeps one of the 2 cores busy, each parallel op waits for a descheduled thread (measured: 100x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import time  # noqa: E402
 import types  # noqa: E402
 
 import pytest  # noqa: E402
@@ -25,13 +29,43 @@ if not torch.cuda.is_available():
 settings.register_profile("project", deadline=None, max_examples=int(__import__("os").environ.get("HYPOTHESIS_EXAMPLES", 50)))
 settings.load_profile("project")
 
+# ----------------------------------------------------------------------------- where a test run's time goes
+# A module that takes over SLOW_MODULE_S prints one line with its time and the run's, so that a run cut short (CI
+# stops at 90 minutes) shows in its output how far it got and what took the time.
+SLOW_MODULE_S = 30
+_module = {"name": None, "start": 0.0}
+
+
+def pytest_configure(config):
+    _module.update(config=config, session_start=time.monotonic())
+
+
+def _report_module():
+    now = time.monotonic()
+    if _module["name"] and now - _module["start"] > SLOW_MODULE_S:
+        _module["config"].pluginmanager.get_plugin("terminalreporter").write_line(
+            f"\n[time] {_module['name']}: {now - _module['start']:.0f} s ({now - _module['session_start']:.0f} s "
+            f"into the run)")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if nodeid.split("::")[0] != _module["name"]:
+        _report_module()
+        _module.update(name=nodeid.split("::")[0], start=time.monotonic())
+
+
+def pytest_sessionfinish(session):
+    _report_module()
+
+
 # ----------------------------------------------------------------------------- the video model's reference
 
 
 @pytest.fixture(scope="module")
 def one_thread():
     """These shapes are tiny: a second thread gains nothing, and on a busy 2-core machine each parallel op would
-    wait for a descheduled thread (measured: 100x slower)."""
+    wait for a descheduled thread (measured: 100x slower). (OMP_NUM_THREADS above already asks for one; this holds
+    where a caller set its own.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
