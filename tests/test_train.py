@@ -75,6 +75,8 @@ def test_smoke_run_trains_both_stages_and_evaluates(finished_run, world_data):
     results = json.loads((out / "results.json").read_text())
     assert results["episodes"] == 8 and sum(t["episodes"] for t in results["tasks"].values()) == 8
     assert "success" in stdout.splitlines()[-2]
+    prediction = results["video_prediction"]   # logged after stage 1 (see the test of video_prediction_error)
+    assert prediction["windows"] > 0 and f"MSE {prediction['one_step_mse']:.4f}" in stdout
     for name in ("video", "action"):
         assert (out / f"{name}.safetensors").is_file() and (out / f"{name}.state.safetensors").is_file()
     # the checkpoints load, and training lowered the loss on the first batch each stage saw
@@ -264,6 +266,22 @@ def tiny_models(run_data, cfg):
 def smoke_data(world_data, tmp_path_factory):
     cfg, _ = config.parse_args(smoke(tmp_path_factory.mktemp("unused"), world_data))
     return cfg, train.load_data(cfg, parallel.Runtime())
+
+
+def test_an_untrained_video_models_prediction_error_is_the_noises(smoke_data):
+    # adaLN-Zero: an untrained video model's velocity on the future frames is 0, so its one-step prediction
+    # x0_hat = eps - v is the noise itself, whose error against the true future is E (eps - x0)^2 = 1 + E x0^2.
+    # The context frames are the given ones (x0_hat = x0 there) and must not enter; "nothing moves" repeats the
+    # last context latent frame.
+    cfg, run = smoke_data
+    video, _ = tiny_models(run, cfg)
+    got = train.video_prediction_error(video, run, "cpu", windows=64)
+    x0 = train.clean_latents(run.windows.batch(np.linspace(0, len(run.windows) - 1, 64).astype(int)), run.tokenizer)
+    future = x0[:, :, run.n_cond:]
+    assert got["windows"] == 64
+    assert got["one_step_mse"] == pytest.approx(1 + future.pow(2).mean().item(), abs=0.03)   # ~1e5 noise draws
+    assert got["nothing_moves_mse"] == pytest.approx((x0[:, :, run.n_cond - 1:run.n_cond] - future).pow(2).mean()
+                                                     .item(), rel=1e-5)
 
 
 def test_gradients_never_reach_the_video_model(smoke_data):
