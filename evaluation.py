@@ -1,6 +1,6 @@
 """Evaluation of a chunking policy: in closed loop in any environment (lockstep rollouts, per-task success with Wilson
 intervals, a GIF of chosen episodes beside the policy's plans), or, without one, by its action error on held-out
-episodes of a dataset.
+episodes of a dataset; and a video model by its one-step prediction of the future.
 
 The environment interface (world.World follows it; another simulator needs a thin wrapper):
     env.reset(seed) -> (obs, info)                  a new episode, its scene drawn from `seed` alone
@@ -187,6 +187,29 @@ def held_out_error(policy, dataset, spec, episodes, max_windows=512):
         errs.append(((policy.action_norm(torch.as_tensor(pred)) - policy.action_norm(b["actions"])) ** 2)
                     .mean(dim=(1, 2)).numpy())
     return float(np.concatenate(errs).mean())
+
+
+@torch.no_grad()
+def video_prediction_error(video, windows, tokenizer, n_cond, device="cpu", max_windows=256, batch_size=32, seed=0):
+    """How well a video model predicts the future, on up to max_windows evenly spaced windows (data.Windows, or
+    latent_data.LatentWindows with tokenizer None): the mean squared error of its one-step prediction from pure
+    noise, x0_hat = eps - v(eps, tau = 1) (the mean future given the context and the instruction), against the true
+    future latents; beside it, for scale, the error of predicting that nothing moves (every future latent frame =
+    the last context one)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = np.linspace(0, len(windows) - 1, min(max_windows, len(windows))).astype(int)
+    model_err, still_err = [], []
+    for chunk in np.array_split(ids, max(1, len(ids) // batch_size)):
+        b = windows.batch(chunk)
+        x0 = (b["latents"] if tokenizer is None else tokenizer.encode(b["frames"])).to(device)
+        eps = torch.randn(x0.shape, generator=g).to(device, x0.dtype)
+        x0_hat = eps - video.video2world_velocity(eps, torch.ones(len(x0), device=device), b["text"].to(device), x0,
+                                                  n_cond)
+        future = x0[:, :, n_cond:].float()
+        model_err.append((x0_hat[:, :, n_cond:].float() - future).pow(2).mean(dim=(1, 2, 3, 4)))
+        still_err.append((x0[:, :, n_cond - 1:n_cond].float() - future).pow(2).mean(dim=(1, 2, 3, 4)))
+    return {"windows": len(ids), "one_step_mse": torch.cat(model_err).mean().item(),
+            "nothing_moves_mse": torch.cat(still_err).mean().item()}
 
 # ----------------------------------------------------------------------------- GIFs
 

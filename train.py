@@ -435,27 +435,6 @@ def action_stage(cfg, rt, run, video, resume):
         checkpoints.save_model(path, decoder, {"run": run_meta(cfg, run), "config": asdict(cfg)})
     return decoder.eval()
 
-@torch.no_grad()
-def video_prediction_error(video, run, device, windows=256, batch_size=32, seed=0):
-    """How well the frozen video model predicts the future, on `windows` evenly spaced training windows: the
-    mean squared error of its one-step prediction from pure noise, x0_hat = eps - v(eps, tau = 1) (the mean future
-    given the context and the instruction), against the true future latents; beside it, for scale, the error of
-    predicting that nothing moves (every future latent frame = the last context one)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = np.linspace(0, len(run.windows) - 1, min(windows, len(run.windows))).astype(int)
-    model_err, still_err = [], []
-    for chunk in np.array_split(ids, max(1, len(ids) // batch_size)):
-        b = run.windows.batch(chunk)
-        x0 = clean_latents(b, run.tokenizer).to(device)
-        eps = torch.randn(x0.shape, generator=g).to(device, x0.dtype)
-        tau = torch.ones(len(x0), device=device)
-        x0_hat = eps - video.video2world_velocity(eps, tau, b["text"].to(device), x0, run.n_cond)
-        future = x0[:, :, run.n_cond:].float()
-        model_err.append((x0_hat[:, :, run.n_cond:].float() - future).pow(2).mean(dim=(1, 2, 3, 4)))
-        still_err.append((x0[:, :, run.n_cond - 1:run.n_cond].float() - future).pow(2).mean(dim=(1, 2, 3, 4)))
-    return {"windows": len(ids), "one_step_mse": torch.cat(model_err).mean().item(),
-            "nothing_moves_mse": torch.cat(still_err).mean().item()}
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -504,7 +483,7 @@ def main(argv=None):
     t = time.perf_counter()
     video = video_stage(cfg, rt, run, video, resume)
     times["video"] = time.perf_counter() - t
-    prediction = video_prediction_error(video, run, rt.device)
+    prediction = evaluation.video_prediction_error(video, run.windows, run.tokenizer, run.n_cond, rt.device)
     rt.log(f"video: one-step prediction of the future latents from noise, MSE {prediction['one_step_mse']:.4f} "
            f"(predicting that nothing moves: {prediction['nothing_moves_mse']:.4f}; {prediction['windows']} "
            f"training windows)")

@@ -20,6 +20,7 @@ import checkpoints
 import config
 import data
 import encoders
+import evaluation
 import flow
 import parallel
 import sample
@@ -75,7 +76,7 @@ def test_smoke_run_trains_both_stages_and_evaluates(finished_run, world_data):
     results = json.loads((out / "results.json").read_text())
     assert results["episodes"] == 8 and sum(t["episodes"] for t in results["tasks"].values()) == 8
     assert "success" in stdout.splitlines()[-2]
-    prediction = results["video_prediction"]   # logged after stage 1 (see the test of video_prediction_error)
+    prediction = results["video_prediction"]   # logged after stage 1 (evaluation.video_prediction_error)
     assert prediction["windows"] > 0 and f"MSE {prediction['one_step_mse']:.4f}" in stdout
     for name in ("video", "action"):
         assert (out / f"{name}.safetensors").is_file() and (out / f"{name}.state.safetensors").is_file()
@@ -275,7 +276,7 @@ def test_an_untrained_video_models_prediction_error_is_the_noises(smoke_data):
     # last context latent frame.
     cfg, run = smoke_data
     video, _ = tiny_models(run, cfg)
-    got = train.video_prediction_error(video, run, "cpu", windows=64)
+    got = evaluation.video_prediction_error(video, run.windows, run.tokenizer, run.n_cond, max_windows=64)
     x0 = train.clean_latents(run.windows.batch(np.linspace(0, len(run.windows) - 1, 64).astype(int)), run.tokenizer)
     future = x0[:, :, run.n_cond:]
     assert got["windows"] == 64
