@@ -58,6 +58,9 @@ class ActionStage(Optim):
     proprio_dropout: float = arg(0.2, "share of training examples whose proprio token is the learned mask token")
     repeats: int = arg(1, "action draws (tau_a, noise) per video example in a batch: the frozen video model runs on "
                           "batch_size / repeats examples per step (an efficiency choice, not the paper's)")
+    cache: int = arg(0, "noise draws per training window of the frozen video model's states, computed once before "
+                        "stage 2 and looked up by every step (feature_cache.py; needs a fixed --action.tau_v; 0: "
+                        "computed anew each step, the paper's way; an efficiency choice, not the paper's)")
 
 
 @dataclass
@@ -229,6 +232,9 @@ def check(cfg):
             ok = False
         if not ok:
             problems.append(f"--action.tau_v must be 'uniform' or a number in (0, 1], got {cfg.action.tau_v!r}")
+    if cfg.action.cache and cfg.action.tau_v == "uniform":
+        problems.append(f"--action.cache {cfg.action.cache} needs a fixed --action.tau_v (the cached states are those "
+                        f"of one tau_v), got 'uniform'; or --action.cache 0")
     if cfg.action.repeats < 1 or cfg.action.batch_size % cfg.action.repeats:
         problems.append(f"--action.repeats must be >= 1 and divide --action.batch_size {cfg.action.batch_size}, "
                         f"got {cfg.action.repeats}")

@@ -201,7 +201,7 @@ def video_prediction_error(video, windows, tokenizer, n_cond, device="cpu", max_
     model_err, still_err = [], []
     for chunk in np.array_split(ids, max(1, len(ids) // batch_size)):
         b = windows.batch(chunk)
-        x0 = (b["latents"] if tokenizer is None else tokenizer.encode(b["frames"])).to(device)
+        x0 = latent_data.clean_latents(b, tokenizer).to(device)
         eps = torch.randn(x0.shape, generator=g).to(device, x0.dtype)
         x0_hat = eps - video.video2world_velocity(eps, torch.ones(len(x0), device=device), b["text"].to(device), x0,
                                                   n_cond)

@@ -168,6 +168,12 @@ class LatentDataset:
         return torch.stack([self.shards[s][r:r + 1][0] for s, r in rows]).float()
 
 
+def clean_latents(batch, tokenizer):
+    """A batch's clean latents: pre-encoded ones (LatentWindows) as they are, else its frames through the frozen
+    video encoder (tokenizer: encoders.py)."""
+    return batch["latents"] if "latents" in batch else tokenizer.encode(batch["frames"])
+
+
 class LatentWindows:
     """The training windows of a LatentDataset's chosen episodes, drawn as data.Windows draws them."""
 

@@ -32,8 +32,9 @@ class Runtime:
 
     def rows(self, batch):
         """This process's rows of a global batch (a dataclass of tensors): every world_size-th, from its rank."""
-        return type(batch)(**{f.name: getattr(batch, f.name)[self.rank::self.world_size].to(self.device)
-                              for f in fields(batch)})
+        rows = {f.name: getattr(batch, f.name) for f in fields(batch)}
+        return type(batch)(**{name: None if t is None else t[self.rank::self.world_size].to(self.device)
+                              for name, t in rows.items()})
 
 
 def setup(cfg):

@@ -45,6 +45,7 @@ import parallel
 import video_model
 import world
 from action_decoder import ActionDecoder, ActionDecoderConfig, preset as decoder_preset
+from feature_cache import FeatureCache
 from sample import VAMPolicy
 
 # ----------------------------------------------------------------------------- one step of each stage
@@ -60,10 +61,12 @@ class VideoBatch:
 
 @dataclass
 class ActionBatch:
-    x0: torch.Tensor            # (B, C, H_o + F, h, w) clean latents
+    x0: torch.Tensor | None     # (B, C, H_o + F, h, w) clean latents (None with a FeatureCache)
     text: torch.Tensor          # (B, L, D)
     tau_v: torch.Tensor         # (B,) the video flow time the decoder reads the states at
-    eps_v: torch.Tensor         # like x0: the video noise
+    eps_v: torch.Tensor | None  # like x0: the video noise (None with a FeatureCache)
+    window: torch.Tensor        # (B,) the training windows' indices
+    draw: torch.Tensor | None   # (B,) with a FeatureCache: which of its noise draws
     proprio: torch.Tensor       # (B, P) normalised to [-1, 1]
     actions: torch.Tensor       # (B, H_a, A) normalised to [-1, 1]
     tau_a: torch.Tensor         # (B,) action flow time
@@ -71,37 +74,37 @@ class ActionBatch:
     drop_proprio: torch.Tensor  # (B,) bool: the proprio token is the mask token
 
 
-def clean_latents(b, tokenizer):
-    """A batch's clean latents: pre-encoded ones (latent_data.py) as they are, else its frames through the frozen
-    video encoder (tokenizer: encoders.py)."""
-    return b["latents"] if "latents" in b else tokenizer.encode(b["frames"])
-
-
 def draw_video_batch(g, windows, tokenizer, batch_size):
     """A global batch for stage 1 and all its random draws: windows, tau_v (Cosmos' logit-normal), noise."""
     b = windows.sample(batch_size, g)
-    x0 = clean_latents(b, tokenizer)
+    x0 = latent_data.clean_latents(b, tokenizer)
     tau_v = flow.sample_tau_video(batch_size, x0.shape[2], g)
     return VideoBatch(x0, b["text"], tau_v, torch.randn(x0.shape, generator=g))
 
 
-def draw_action_batch(g, windows, tokenizer, norms, s):
+def draw_action_batch(g, windows, tokenizer, norms, s, cache=None):
     """A global batch for stage 2 and all its random draws: windows; tau_v (uniform on (0, 1] or fixed) and the
-    video noise; tau_a ~ 0.001 + 0.999 Beta(alpha, beta) and the action noise; which proprio tokens are dropped.
+    video noise, or with a FeatureCache which of its noise draws; tau_a ~ 0.001 + 0.999 Beta(alpha, beta) and the
+    action noise; which proprio tokens are dropped.
     With s.repeats = R > 1 it draws B / R video examples (window, tau_v, video noise) and tiles them R times, each
     copy with its own action draws (tau_a, action noise, proprio dropout): rows j and j + B / R share a video
     example, so action_loss runs the frozen video model on the first B / R rows of each process's slice only."""
     B, R = s.batch_size, s.repeats
-    b = windows.sample(B // R, g)
-    x0 = clean_latents(b, tokenizer)
-    tau_v = 1 - torch.rand(B // R, generator=g) if s.tau_v == "uniform" else torch.full((B // R,), float(s.tau_v))
-    eps_v = torch.randn(x0.shape, generator=g)
+    window = torch.randint(len(windows), (B // R,), generator=g)
+    b = windows.batch(window.numpy())
+    if cache is None:
+        x0 = latent_data.clean_latents(b, tokenizer)
+        tau_v = 1 - torch.rand(B // R, generator=g) if s.tau_v == "uniform" else torch.full((B // R,), float(s.tau_v))
+        eps_v, draw = torch.randn(x0.shape, generator=g), None
+    else:
+        x0, eps_v, tau_v = None, None, torch.full((B // R,), cache.tau_v)
+        draw = torch.randint(cache.draws, (B // R,), generator=g)
     tau_a = flow.sample_tau_action(B, s.tau_a_alpha, s.tau_a_beta, g)
     eps_a = torch.randn((B, *b["actions"].shape[1:]), generator=g)
     drop = torch.rand(B, generator=g) < s.proprio_dropout
-    tile = lambda t: t.repeat(R, *(1,) * (t.ndim - 1))   # noqa: E731
-    return ActionBatch(tile(x0), tile(b["text"]), tile(tau_v), tile(eps_v), tile(norms[0](b["proprio"])),
-                       tile(norms[1](b["actions"])), tau_a, eps_a, drop)
+    tile = lambda t: None if t is None else t.repeat(R, *(1,) * (t.ndim - 1))   # noqa: E731
+    return ActionBatch(tile(x0), tile(b["text"]), tile(tau_v), tile(eps_v), tile(window), tile(draw),
+                       tile(norms[0](b["proprio"])), tile(norms[1](b["actions"])), tau_a, eps_a, drop)
 
 
 def video_loss(video, batch, n_cond):
@@ -115,14 +118,18 @@ def video_loss(video, batch, n_cond):
     return per_sample.mean(), per_sample, batch.tau_v
 
 
-def action_loss(video, decoder, batch, n_cond, k, repeats=1):
+def action_loss(video, decoder, batch, n_cond, k, repeats=1, cache=None):
     """The decoder's flow loss on the frozen video model's layer-k states, which it reads from ground-truth future
-    latents noised to tau_v (the states the video model would give mid-way through denoising). repeats: the batch
-    is its first len / repeats rows tiled (draw_action_batch), so the states of those rows serve every copy."""
-    n = len(batch.x0) // repeats
-    with torch.no_grad():
-        x_tau = flow.interpolate(batch.x0[:n], batch.eps_v[:n], batch.tau_v[:n])
-        states = video.video2world_hidden_states(x_tau, batch.tau_v[:n], batch.text[:n], batch.x0[:n], n_cond, k)
+    latents noised to tau_v (the states the video model would give mid-way through denoising), or looks up in a
+    FeatureCache. repeats: the batch is its first len / repeats rows tiled (draw_action_batch), so the states of
+    those rows serve every copy."""
+    n = len(batch.tau_v) // repeats
+    if cache is not None:
+        states = cache.lookup(batch.draw[:n], batch.window[:n])
+    else:
+        with torch.no_grad():
+            x_tau = flow.interpolate(batch.x0[:n], batch.eps_v[:n], batch.tau_v[:n])
+            states = video.video2world_hidden_states(x_tau, batch.tau_v[:n], batch.text[:n], batch.x0[:n], n_cond, k)
     states = states.repeat(repeats, 1, 1)
     per_sample = decoder.loss(states, batch.tau_v, batch.proprio, batch.actions, batch.tau_a, batch.eps_a,
                               batch.drop_proprio)
@@ -425,9 +432,14 @@ def action_stage(cfg, rt, run, video, resume):
     norms = (data.Normalizer(run.dataset.manifest["proprio_range"]),
              data.Normalizer(run.dataset.manifest["action_range"]))
 
+    cache = None
+    if cfg.action.cache:   # config.check: only with a fixed tau_v
+        cache = FeatureCache(video, run.windows, run.tokenizer, run.n_cond, cfg.action.k, float(cfg.action.tau_v),
+                             cfg.action.cache, cfg.seed, rt)
+
     def step_loss(g):
-        batch = rt.rows(draw_action_batch(g, run.windows, run.tokenizer, norms, cfg.action))
-        return action_loss(video, decoder, batch, run.n_cond, cfg.action.k, cfg.action.repeats)
+        batch = rt.rows(draw_action_batch(g, run.windows, run.tokenizer, norms, cfg.action, cache))
+        return action_loss(video, decoder, batch, run.n_cond, cfg.action.k, cfg.action.repeats, cache)
 
     decoder.train()
     train_stage("action", decoder, step_loss, cfg.action, cfg, rt, resume)

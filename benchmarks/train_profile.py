@@ -134,6 +134,15 @@ def main():
     t_decoder = report("    the decoder: forward, backward, AdamW", decoder_part, B, args.steps, peak)
     print(f"    shares of the step: drawing the batch {t_draw / whole:.0%}, video blocks {t_video / whole:.0%}, "
           f"decoder {t_decoder / whole:.0%}")
+    # --action.cache D: the video blocks run once per window and draw before stage 2; a step draws its batch, looks
+    # its states up in a (D, windows, tokens, width) table and runs the decoder
+    table = torch.zeros(max(1, cfg.action.cache), len(run.windows), *states.shape[1:])
+    rows = torch.randint(len(run.windows), (n,), generator=g)
+    t_lookup = timed(lambda: table[torch.zeros_like(rows), rows], args.steps)
+    cached = t_draw + t_lookup + t_decoder
+    print(f"    with --action.cache D: building the cache {len(run.windows) * t_video / n:.0f} s per noise draw "
+          f"({len(run.windows)} windows), then {cached * 1e3:.1f} ms per step (lookup {t_lookup * 1e3:.1f} ms), "
+          f"{whole / cached:.2f}x faster than the step above")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,14 @@ import config
 import data
 import encoders
 import evaluation
+import feature_cache
 import flow
+import latent_data
 import parallel
 import sample
 import train
 from action_decoder import ActionDecoder, preset as decoder_preset
+from feature_cache import FeatureCache
 from sample import VAMPolicy
 from test_data import episode, write
 
@@ -163,8 +166,9 @@ def final_weights(out):
             **{f"action.{k}": v for k, v in load_file(out / "action.safetensors").items()}}
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, world_data, monkeypatch):
-    args = ["--eval.episodes", "1", "--action.steps", "6", "--ckpt_every", "2"]
+@pytest.mark.parametrize("cache", [[], ["--action.tau_v", "1.0", "--action.cache", "2"]], ids=["", "cached"])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, world_data, monkeypatch, cache):
+    args = ["--eval.episodes", "1", "--action.steps", "6", "--ckpt_every", "2", *cache]
     train.main(smoke(tmp_path / "whole", world_data, *args))
     # kill the second run in stage 2, after its 5th optimiser step (its last checkpoint is step 4)
     calls, step = {"n": 0}, torch.optim.AdamW.step
@@ -246,6 +250,8 @@ def test_what_can_only_fail_later_is_refused_before_stage_1(tmp_path, world_data
     assert not (tmp_path / "k" / "video.state.safetensors").exists()
     with pytest.raises(SystemExit, match=r"--action.repeats must be >= 1 and divide --action.batch_size 8, got 3"):
         train.main(smoke(tmp_path / "r", world_data, "--action.repeats", "3"))
+    with pytest.raises(SystemExit, match=r"--action.cache 2 needs a fixed --action.tau_v"):
+        train.main(smoke(tmp_path / "c", world_data, "--action.cache", "2"))
     # frames that the video tokens do not tile
     episodes = [episode(3, seed, shape=(30, 30, 3)) for seed in range(4)]
     write(tmp_path / "odd", episodes, proprio_range=[[-4, 4]] * 3, action_range=[[0, 200]] * 2)
@@ -277,7 +283,7 @@ def test_an_untrained_video_models_prediction_error_is_the_noises(smoke_data):
     cfg, run = smoke_data
     video, _ = tiny_models(run, cfg)
     got = evaluation.video_prediction_error(video, run.windows, run.tokenizer, run.n_cond, max_windows=64)
-    x0 = train.clean_latents(run.windows.batch(np.linspace(0, len(run.windows) - 1, 64).astype(int)), run.tokenizer)
+    x0 = latent_data.clean_latents(run.windows.batch(np.linspace(0, len(run.windows) - 1, 64).astype(int)), run.tokenizer)
     future = x0[:, :, run.n_cond:]
     assert got["windows"] == 64
     assert got["one_step_mse"] == pytest.approx(1 + future.pow(2).mean().item(), abs=0.03)   # ~1e5 noise draws
@@ -329,6 +335,42 @@ def test_repeated_video_examples_share_their_states_and_draw_their_own_actions(s
         every_row = train.action_loss(video, decoder, batch, run.spec.history, cfg.action.k, repeats=1)[1]
     torch.testing.assert_close(shared, every_row, rtol=1e-5, atol=1e-6)
     assert shared.std() > 0
+
+
+def test_cached_states_equal_the_states_recomputed_window_by_window(smoke_data):
+    """A FeatureCache's states of window i in draw d are blocks 0..k of the video model on that window alone, its
+    future noised to tau_v with the noise of its chunk's row; stage 2's cached loss reads exactly those states."""
+    cfg, run = smoke_data
+    video, decoder = tiny_models(run, cfg)
+    with torch.no_grad():   # off adaLN-Zero, so that the states depend on the noise and the weights
+        for p in list(video.parameters()) + list(decoder.parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    k, n, tau_v = cfg.action.k, len(run.windows), 0.6
+    cache = FeatureCache(video, run.windows, run.tokenizer, run.n_cond, k, tau_v, 2, cfg.seed, parallel.Runtime())
+    assert n > feature_cache.CHUNK and cache.states.shape == (2, n, train.video_tokens(run, video.cfg),
+                                                               video.cfg.width)
+    for d in (0, 1):
+        for i in (0, 1, feature_cache.CHUNK - 1, feature_cache.CHUNK, n - 1):
+            first = i - i % feature_cache.CHUNK
+            chunk = run.windows.batch(np.arange(first, min(first + feature_cache.CHUNK, n)))
+            eps = torch.randn(latent_data.clean_latents(chunk, run.tokenizer).shape,
+                              generator=cache.noise_generator(d, first))[i - first:i - first + 1]
+            b = run.windows.batch(np.array([i]))
+            x0 = latent_data.clean_latents(b, run.tokenizer)
+            with torch.no_grad():
+                want = video.video2world_hidden_states(flow.interpolate(x0, eps, tau_v), torch.full((1,), tau_v),
+                                                       b["text"], x0, run.n_cond, k)[0]
+            torch.testing.assert_close(cache.states[d, i], want, rtol=1e-5, atol=1e-5, msg=f"draw {d}, window {i}")
+    assert (cache.states[0] - cache.states[1]).abs().max() > 0.01   # two draws, two noises
+    norms = (data.Normalizer(run.dataset.manifest["proprio_range"]), data.Normalizer(run.dataset.manifest["action_range"]))
+    s = replace(cfg.action, tau_v=str(tau_v), cache=2)
+    batch = train.draw_action_batch(torch.Generator().manual_seed(7), run.windows, run.tokenizer, norms, s, cache)
+    assert batch.x0 is None and torch.equal(batch.tau_v, torch.full((s.batch_size,), tau_v))
+    with torch.no_grad():
+        got = train.action_loss(video, decoder, batch, run.n_cond, k, cache=cache)[1]
+        want = decoder.loss(cache.states[batch.draw, batch.window], batch.tau_v, batch.proprio, batch.actions,
+                            batch.tau_a, batch.eps_a, batch.drop_proprio)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("alpha, beta", [(1.5, 1.0), (1.0, 1.0)])
