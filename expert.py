@@ -177,6 +177,8 @@ class ExpertPolicy:
     It is privileged: `rollout` hands it the worlds it runs (bind), its rows are their unfinished episodes in order,
     and it plans each chunk by running the expert on a copy of the world. It keeps the expert as it was after each
     planned step, so that however many of the chunk's actions were executed, the next plan continues from there.
+    After each call, `ahead` (N, horizon, H, W, C) holds the frames the copies rendered after each planned action
+    (past the end of an episode, its last frame): the future the expert would make, the oracle's plan.
 
     With `tasks` it is instruction-blind: each episode follows the expert of a task drawn from `tasks` (by its
     scene seed) instead of its own, a competent policy that ignores the instruction.
@@ -196,7 +198,7 @@ class ExpertPolicy:
         return Expert(task, world.seed, world.cfg)
 
     def act_batch(self, frames, instructions, proprio):
-        chunks = []
+        chunks, self.ahead = [], []
         for i, world in enumerate(self.worlds):
             if world.done:
                 continue
@@ -204,14 +206,15 @@ class ExpertPolicy:
                 self.plans[i] = (0, [self._expert(world)])
             start, experts = self.plans[i]
             sim, expert = copy.deepcopy(world), copy.deepcopy(experts[world.t - start])
-            actions, experts = [], [copy.deepcopy(expert)]
+            actions, experts, rendered = [], [copy.deepcopy(expert)], []
             for _ in range(self.horizon):
                 a = np.clip(expert.act(sim), -1, 1) if not sim.done else np.array([0, 0, actions[-1][2]])
                 if not sim.done:
                     sim.step(a)
-                actions.append(a), experts.append(copy.deepcopy(expert))
+                actions.append(a), experts.append(copy.deepcopy(expert)), rendered.append(sim.render())
             self.plans[i] = (world.t, experts)
-            chunks.append(actions)
+            chunks.append(actions), self.ahead.append(rendered)
+        self.ahead = np.array(self.ahead)
         return np.array(chunks)
 
 # ----------------------------------------------------------------------------- measuring the world

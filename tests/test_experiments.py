@@ -1,0 +1,71 @@
+"""experiments.py: each experiment end to end at smoke size through its command line, and what its privileged
+policies see."""
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluation
+import experiments
+import train
+import world
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A finished smoke run of train.py: the base every experiment builds on."""
+    root = tmp_path_factory.mktemp("base")
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main(["--preset", "smoke", "--world_data", str(root / "data"), "--out", str(root / "run")])
+    return root / "run"
+
+
+def test_the_oracle_experiment_runs_end_to_end_and_resumes(base, tmp_path, capsys):
+    experiments.main(["oracle", "--base", str(base), "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "oracle.json").read_text())
+    assert len(result["rows"]) == 3 and all(r["episodes"] == 8 for r in result["rows"].values())   # 2 per task
+    assert Image.open(tmp_path / "oracle.png").size[0] == 720
+    point = tmp_path / "tau_v0.4"
+    assert json.loads((point / "results.json").read_text())["config"]["action"]["tau_v"] == "0.4"
+    out = capsys.readouterr().out
+    assert "the ground-truth future (oracle)" in out and "cached the frozen video model's block-1 states" in out
+    mtime = (point / "action.safetensors").stat().st_mtime
+    experiments.main(["oracle", "--base", str(base), "--out", str(tmp_path)])   # a finished point is kept
+    assert (point / "action.safetensors").stat().st_mtime == mtime
+    with pytest.raises(SystemExit, match="not a finished train.py run"):
+        experiments.main(["oracle", "--base", str(tmp_path / "nothing"), "--out", str(tmp_path)])
+
+
+def test_the_oracles_future_frames_are_what_the_experts_actions_produce(base):
+    """Executing the expert's planned chunks whole (replan every H steps), the frames the oracle encoded at each
+    replan are the frames the world then shows at t + s, t + 2s, ... (its last frame past the episode's end)."""
+    oracle, _ = experiments.OraclePolicy.load(base)
+    spec, seen = oracle.spec, []
+    H = spec.future_stride * spec.future
+
+    class ExpertReplay:
+        def bind(self, worlds):
+            oracle.bind(worlds)
+
+        def act_batch(self, frames, instructions, proprio):
+            seen.append(oracle.future_frames(frames, instructions, proprio))
+            return oracle.expert_chunks
+
+    tasks = list(world.TASK_SETS["goal4"])
+    envs = [world.World(t) for t in tasks]
+    results = evaluation.rollout(ExpertReplay(), envs, [world.EVAL_SEED_BASE + 3] * 4, replan_every=H,
+                                 history=spec.history, record=range(4))
+    assert all(r["success"] for r in results)   # the expert's own plans, executed: every task done
+    checked = 0
+    for j, future in enumerate(seen):
+        active = [r for r in results if r["steps"] > H * j]
+        assert len(future) == len(active) and future.shape[1] == spec.future
+        for r, got in zip(active, future):
+            last = len(r["frames"]) - 1
+            want = [r["frames"][min(H * j + spec.future_stride * m, last)] for m in range(1, spec.future + 1)]
+            np.testing.assert_array_equal(got, np.stack(want))
+            checked += 1
+    assert checked > len(envs)   # some episodes replanned from where a plan had brought them
