@@ -169,9 +169,10 @@ def evaluate(policy, make_env, tasks, episodes_per_task, *, seed_base, replan_ev
 # ----------------------------------------------------------------------------- without an environment
 
 
-def held_out_error(policy, dataset, spec, episodes, max_windows=512):
+def held_out_error(policy, dataset, spec, episodes, max_windows=512, with_future=False):
     """Mean squared error of sampled chunks against the recorded ones on held-out episodes, in normalised units.
-    A pre-encoded dataset (latent_data.py) is read as encoded: the policy gets its context latents and text states."""
+    A pre-encoded dataset (latent_data.py) is read as encoded: the policy gets its context latents and text states.
+    with_future: the policy reads each window's recorded future as well (experiments.OraclePolicy.act_on_future)."""
     latent = isinstance(dataset, latent_data.LatentDataset)
     windows = latent_data.LatentWindows(dataset, episodes) if latent else \
         data.Windows(dataset, spec, policy.text_encoder, episodes)
@@ -179,11 +180,13 @@ def held_out_error(policy, dataset, spec, episodes, max_windows=512):
     errs = []
     for chunk in np.array_split(ids, max(1, len(ids) // 64)):
         b = windows.batch(chunk)
-        if latent:
+        instructions = [dataset.instructions[e] for e in b["episode"]]
+        if with_future:
+            pred = policy.act_on_future(b["frames"].numpy(), instructions, b["proprio"].numpy())
+        elif latent:
             pred = policy.act_encoded(b["latents"][:, :, :policy.n_cond], b["text"], b["proprio"])
         else:
-            pred = policy.act_batch(b["frames"][:, :spec.history].numpy(),
-                                    [dataset.instructions[e] for e in b["episode"]], b["proprio"].numpy())
+            pred = policy.act_batch(b["frames"][:, :spec.history].numpy(), instructions, b["proprio"].numpy())
         errs.append(((policy.action_norm(torch.as_tensor(pred)) - policy.action_norm(b["actions"])) ** 2)
                     .mean(dim=(1, 2)).numpy())
     return float(np.concatenate(errs).mean())

@@ -3,6 +3,7 @@ of a finished `python train.py` run (its stage-1 video model and its dataset), e
 scenes, writes a JSON of every number and a PNG plot to --out, and prints a table.
 
     python experiments.py oracle --base out/world --out out/experiments
+    python experiments.py tau_v --base out/world --out out/experiments
 
 A point of an experiment is a train.py run folder of its own under --out (the base's video checkpoint copied in,
 stage 2 trained with `train.py --resume`), so a killed experiment resumes where it stopped and a finished point is
@@ -13,6 +14,11 @@ never trained again.
           reading the video model's states on its own prediction (video flow integrated 1 -> tau_v) and on the
           ground-truth future noised to tau_v, the future the scripted expert makes from a copy of the world at every
           replan (OraclePolicy). Beside them, the base run's own result (its decoder at tau_v = 1).
+  tau_v   The paper: the best policy is near tau_v = 1 (no video denoising), while the action error on noisy
+          ground-truth latents is lowest near tau_v = 0.4. Here: one decoder trained on tau_v uniform in (0, 1] (the
+          paper's way; the default trains at tau_v = 1 only), (a) its closed-loop success when the video flow is
+          integrated 1 -> tau_v, for each tau_v in TAU_VS, and (b) its action error on fresh expert episodes when
+          it reads the states of their recorded future noised to tau_v.
 
 Not here: training (train.py), the policy and its inference (sample.py), the evaluation harness (evaluation.py).
 """
@@ -25,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import data
+import evaluation
 import expert
 import flow
 import train
@@ -51,10 +59,15 @@ class OraclePolicy(VAMPolicy):
         self.expert_chunks = self.expert.act_batch(frames, instructions, proprio)
         return self.expert.ahead[:, self.spec.future_stride - 1::self.spec.future_stride]
 
-    @torch.no_grad()
     def act_batch(self, frames, instructions, proprio):
-        proprio = self._check_proprio(proprio, len(frames))
-        clip = np.concatenate([np.asarray(frames), self.future_frames(frames, instructions, proprio)], axis=1)
+        future = self.future_frames(frames, instructions, proprio)
+        return self.act_on_future(np.concatenate([np.asarray(frames), future], axis=1), instructions, proprio)
+
+    @torch.no_grad()
+    def act_on_future(self, clip, instructions, proprio):
+        """Action chunks from the video model's layer-k states on a whole window's frames (N, H_o + F, H, W, C),
+        history and true future, their latents noised to tau_v."""
+        proprio = self._check_proprio(proprio, len(clip))
         x0 = self.tokenizer.encode(torch.as_tensor(clip)).to(self.device)             # (N, C, T_lat, h, w)
         text = self.text_encoder(list(instructions)).to(self.device)
         eps = torch.randn(x0.shape, generator=self.generator).to(self.device)
@@ -105,11 +118,12 @@ def train_point(base, out, name, **overrides):
     return point
 
 
-def evaluated(point, name, policy_class, episodes):
-    """Closed-loop success of the point's models under policy_class, kept in point/{name}.json once measured."""
+def evaluated(point, name, load, episodes):
+    """Closed-loop success of the policy load() -> (policy, metadata) gives, kept in point/{name}.json once
+    measured."""
     path = Path(point) / f"{name}.json"
     if not path.is_file():
-        policy, meta = policy_class.load(point)
+        policy, meta = load()
         run = meta["run"]
         result = world.evaluate(policy, run["tasks"], episodes, world.WorldConfig(**run["world_config"]),
                                 replan_every=run["replan"], history=policy.spec.history,
@@ -117,6 +131,26 @@ def evaluated(point, name, policy_class, episodes):
         print(f"[{Path(point).name}: {name}]\n{result.summary()}", flush=True)
         path.write_text(json.dumps(result.to_json(), indent=1))
     return json.loads(path.read_text())
+
+
+def fresh_episodes(out, per_task=25, seed=1000):
+    """Expert episodes no run trained on (a seed no train.py run uses for its dataset), generated once in out."""
+    root = Path(out) / f"fresh-episodes-{seed}"
+    if not (root / data.MANIFEST).exists():
+        expert.generate_dataset(root, episodes_per_task=per_task, seed=seed)
+    return data.Dataset(root)
+
+
+def ground_truth_error(point, tau_v, episodes, max_windows=256):
+    """The point's decoder's action error (normalised units) on fresh expert episodes, reading the video model's
+    states on each window's recorded future noised to tau_v (no video prediction); kept in the point's folder."""
+    path = Path(point) / f"ground_truth_error_tau_v{tau_v:g}.json"
+    if not path.is_file():
+        policy, _ = OraclePolicy.load(point, tau_v=tau_v, seed=0)
+        mse = evaluation.held_out_error(policy, episodes, policy.spec, np.arange(len(episodes)), max_windows,
+                                        with_future=True)
+        path.write_text(json.dumps({"tau_v": tau_v, "action_mse": mse, "windows": max_windows}))
+    return json.loads(path.read_text())["action_mse"]
 
 # ----------------------------------------------------------------------------- the experiments
 
@@ -131,40 +165,70 @@ def oracle(args):
             f"decoder at tau_v = {args.tau_v:g}, the video model's prediction (1 -> {args.tau_v:g})": json.loads(
                 (point / "results.json").read_text()),
             f"decoder at tau_v = {args.tau_v:g}, the ground-truth future (oracle)": evaluated(
-                point, "oracle", OraclePolicy, episodes)}
-    return rows, "the paper: decoding from the ground-truth future's latents is near perfect"
+                point, "oracle", lambda: OraclePolicy.load(point), episodes)}
+    return rows, "the paper: decoding from the ground-truth future's latents is near perfect", None
 
 
-EXPERIMENTS = {"oracle": oracle}
+TAU_VS = (0.02, 0.2, 0.4, 0.6, 0.8, 1.0)   # 0.02 stands for 0: the video model takes tau_v in (0, 1]
 
 
-def report(out, name, rows, claim):
-    """Print the table, write {out}/{name}.json and {out}/{name}.png."""
+def tau_v(args):
+    point = train_point(args.base, args.out, "tau_v-uniform", **{"action.tau_v": "uniform"})
+    episodes, fresh = base_config(args.base)["eval"]["episodes"], fresh_episodes(args.out)
+    rows, errors = {}, {}
+    for t in TAU_VS:
+        label = f"tau_v = {t:g}" + (" (~0)" if t == TAU_VS[0] else "")
+        rows[label] = evaluated(point, f"tau_v{t:g}", lambda: VAMPolicy.load(point, tau_v=t), episodes)
+        errors[label] = ground_truth_error(point, t, fresh, args.windows)
+    return rows, ("the paper: the best policy is near tau_v = 1; the action error on noisy ground-truth latents is "
+                  "lowest near 0.4"), errors
+
+
+EXPERIMENTS = {"oracle": oracle, "tau_v": tau_v}
+
+
+def report(out, name, rows, claim, errors=None):
+    """Print the table, write {out}/{name}.json and {out}/{name}.png. rows: label -> closed-loop result;
+    errors: label -> action error on the ground-truth future (fresh episodes), where measured."""
     out = Path(out)
-    print(f"\n{name}: {claim}\n" + "\n".join(
-        f"  {r['mean']:6.1%} [{r['interval'][0]:.1%}, {r['interval'][1]:.1%}] over {r['episodes']:3d} episodes  {label}"
-        for label, r in rows.items()))
-    (out / f"{name}.json").write_text(json.dumps({"claim": claim, "rows": rows}, indent=1))
-    plot(out / f"{name}.png", f"{name}: {claim}", list(rows), [(r["mean"], *r["interval"]) for r in rows.values()])
+    print(f"\n{name}: {claim}")
+    for label, r in rows.items():
+        error = f"  action error on the true future {errors[label]:.4f}" if errors else ""
+        print(f"  {r['mean']:6.1%} [{r['interval'][0]:.1%}, {r['interval'][1]:.1%}] over {r['episodes']:3d} episodes"
+              f"{error}  {label}")
+    (out / f"{name}.json").write_text(json.dumps({"claim": claim, "rows": rows, "ground_truth_action_error": errors},
+                                                 indent=1))
+    panels = [("closed-loop success, 95% interval", [(r["mean"], *r["interval"]) for r in rows.values()], 1.0)]
+    if errors:
+        panels.append(("action error on the ground-truth future (MSE)", [(e, e, e) for e in errors.values()],
+                       max(errors.values()) * 1.1))
+    plot(out / f"{name}.png", f"{name}: {claim}", list(rows), panels)
     print(f"written: {out / name}.json, {out / name}.png")
 
 
-def plot(path, title, labels, points, width=720, row=28):
-    """A horizontal chart of success rates: one row per label, a dot at the mean and a bar over its 95% interval,
-    on a 0-100% axis."""
-    left, right, top = 12, 150, 34
-    image = Image.new("RGB", (width, top + row * len(labels) + 30), "white")
+def plot(path, title, labels, panels, width=760, row=26):
+    """Horizontal charts, one panel per (caption, [(value, lo, hi)] per label, axis maximum): a dot at the value
+    and a bar over [lo, hi] on each label's row."""
+    left, right = 12, 190
+    height = 30 + len(panels) * (row * len(labels) + 50)
+    image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((left, 8), title[:110], fill="black")
-    x = lambda p: right + p * (width - right - 20)   # noqa: E731
-    for tick in np.linspace(0, 1, 6):
-        draw.line([x(tick), top, x(tick), top + row * len(labels)], fill=(220, 220, 220))
-        draw.text((x(tick) - 10, top + row * len(labels) + 6), f"{tick:.0%}", fill="black")
-    for i, (label, (mean, lo, hi)) in enumerate(zip(labels, points)):
-        y = top + row * i + row / 2
-        draw.text((left, y - 6), label[:22], fill="black")
-        draw.line([x(lo), y, x(hi), y], fill=(60, 90, 200), width=3)
-        draw.ellipse([x(mean) - 4, y - 4, x(mean) + 4, y + 4], fill=(200, 40, 40))
+    draw.text((left, 8), title[:120], fill="black")
+    top = 30
+    for caption, points, axis in panels:
+        draw.text((right, top), caption, fill="black")
+        top += 16
+        x = lambda v: right + v / axis * (width - right - 30)   # noqa: E731
+        for tick in np.linspace(0, axis, 6):
+            draw.line([x(tick), top, x(tick), top + row * len(labels)], fill=(220, 220, 220))
+            draw.text((x(tick) - 10, top + row * len(labels) + 4), f"{tick:.0%}" if axis == 1 else f"{tick:.2g}",
+                      fill="black")
+        for i, (label, (value, lo, hi)) in enumerate(zip(labels, points)):
+            y = top + row * i + row / 2
+            draw.text((left, y - 6), label[:30], fill="black")
+            draw.line([x(lo), y, x(hi), y], fill=(60, 90, 200), width=3)
+            draw.ellipse([x(value) - 4, y - 4, x(value) + 4, y + 4], fill=(200, 40, 40))
+        top += row * len(labels) + 34
     image.save(path)
 
 
@@ -175,14 +239,14 @@ def main(argv=None):
     p.add_argument("--out", default="out/experiments", help="folder of the experiments' points, JSONs and plots")
     p.add_argument("--tau_v", type=float, default=0.4, help="oracle: the tau_v its decoder is trained and run at "
                    "(the paper: action reconstruction from noisy ground-truth latents is best near 0.4)")
+    p.add_argument("--windows", type=int, default=256, help="tau_v: windows of fresh expert episodes per action error")
     p.add_argument("--cache", type=int, default=2, help="noise draws of the decoder's cached video states "
                    "(--action.cache)")
     args = p.parse_args(argv)
     if not 0 < args.tau_v <= 1:
         raise SystemExit(f"--tau_v must lie in (0, 1], got {args.tau_v}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    rows, claim = EXPERIMENTS[args.experiment](args)
-    report(args.out, args.experiment, rows, claim)
+    report(args.out, args.experiment, *EXPERIMENTS[args.experiment](args))
 
 
 if __name__ == "__main__":

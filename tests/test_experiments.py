@@ -27,7 +27,7 @@ def test_the_oracle_experiment_runs_end_to_end_and_resumes(base, tmp_path, capsy
     experiments.main(["oracle", "--base", str(base), "--out", str(tmp_path)])
     result = json.loads((tmp_path / "oracle.json").read_text())
     assert len(result["rows"]) == 3 and all(r["episodes"] == 8 for r in result["rows"].values())   # 2 per task
-    assert Image.open(tmp_path / "oracle.png").size[0] == 720
+    assert Image.open(tmp_path / "oracle.png").size[0] == 760
     point = tmp_path / "tau_v0.4"
     assert json.loads((point / "results.json").read_text())["config"]["action"]["tau_v"] == "0.4"
     out = capsys.readouterr().out
@@ -69,3 +69,14 @@ def test_the_oracles_future_frames_are_what_the_experts_actions_produce(base):
             np.testing.assert_array_equal(got, np.stack(want))
             checked += 1
     assert checked > len(envs)   # some episodes replanned from where a plan had brought them
+
+
+def test_the_tau_v_experiment_runs_end_to_end(base, tmp_path, capsys):
+    experiments.main(["tau_v", "--base", str(base), "--out", str(tmp_path), "--windows", "32"])
+    result = json.loads((tmp_path / "tau_v.json").read_text())
+    assert len(result["rows"]) == len(experiments.TAU_VS) == len(result["ground_truth_action_error"])
+    assert all(e > 0 for e in result["ground_truth_action_error"].values())
+    point = json.loads((tmp_path / "tau_v-uniform" / "results.json").read_text())
+    assert point["config"]["action"]["tau_v"] == "uniform" and point["config"]["action"]["cache"] == 0
+    assert Image.open(tmp_path / "tau_v.png").size[0] == 760
+    assert "action error on the true future" in capsys.readouterr().out
