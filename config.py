@@ -58,6 +58,8 @@ class ActionStage(Optim):
     proprio_dropout: float = arg(0.2, "share of training examples whose proprio token is the learned mask token")
     repeats: int = arg(1, "action draws (tau_a, noise) per video example in a batch: the frozen video model runs on "
                           "batch_size / repeats examples per step (an efficiency choice, not the paper's)")
+    episodes: int = arg(0, "action-labelled episodes per task stage 2 trains on, the first of each task's (0: all); "
+                           "stage 1 still learns from every training episode's video")
     cache: int = arg(0, "noise draws per training window of the frozen video model's states, computed once before "
                         "stage 2 and looked up by every step (feature_cache.py; needs a fixed --action.tau_v; 0: "
                         "computed anew each step, the paper's way; an efficiency choice, not the paper's)")

@@ -254,6 +254,12 @@ def split_by_task(tasks, share):
     held_out = np.array(sorted(held_out), dtype=np.int64)
     return np.setdiff1d(np.arange(len(tasks)), held_out), held_out
 
+def first_per_task(tasks, episodes, n):
+    """The first n of `episodes` (indices into tasks) of each task, in order."""
+    chosen = [e for task in dict.fromkeys(tasks[e] for e in episodes) for e in
+              [e for e in episodes if tasks[e] == task][:n]]
+    return np.array(sorted(chosen), dtype=np.int64)
+
 # ----------------------------------------------------------------------------- training windows
 
 

@@ -239,7 +239,8 @@ class RunData:
     evaluated on."""
     dataset: data.Dataset    # or a latent_data.LatentDataset (windows pre-encoded by the real encoders)
     spec: data.WindowSpec
-    windows: data.Windows    # or latent_data.LatentWindows
+    windows: data.Windows    # or latent_data.LatentWindows: stage 1's
+    action_windows: object   # stage 2's: the same, or those of --action.episodes per task
     held_out: np.ndarray     # episodes kept back for the action error (datasets without an environment)
     source: dict             # how the built-in world made the dataset (its tasks, config); None for other datasets
     encoders: dict           # the frozen encoders' description (encoders.build), recorded for the policy
@@ -272,22 +273,27 @@ def load_data(cfg, rt):
         rt.log(f"data: held out {len(held_out)} episodes ({cfg.holdout:.0%} of each task's, its last ones): "
                f"{held_out.tolist()}")
     source = source if has_world else None
+    labelled = data.first_per_task(dataset.tasks, episodes, cfg.action.episodes) if cfg.action.episodes else episodes
+    if cfg.action.episodes:
+        rt.log(f"data: stage 2 on the first {cfg.action.episodes} training episodes of each task ({len(labelled)} "
+               f"of {len(episodes)}); stage 1 on all")
     if latent:
-        return latent_run(cfg, rt, dataset, episodes, held_out)
+        return latent_run(cfg, rt, dataset, episodes, labelled, held_out)
     spec, encoder_spec = window_spec(cfg), encoders_of(cfg)
     try:
         tokenizer, text = encoders.build(encoder_spec, rt.device)
         windows = data.Windows(dataset, spec, text, episodes)
+        action_windows = windows if cfg.action.episodes == 0 else data.Windows(dataset, spec, text, labelled)
         height, width, channels = dataset.manifest["frame_shape"]
         latent_shape = (tokenizer.channels(channels), tokenizer.latent_frames(spec.history + spec.future),
                         *tokenizer.latent_size(height, width))
     except ValueError as e:   # e.g. an instruction longer than the text encoder holds, or no VAE in a folder
         raise SystemExit(f"data: {e}") from None
-    return RunData(dataset, spec, windows, held_out, source, encoder_spec, tokenizer, latent_shape,
+    return RunData(dataset, spec, windows, action_windows, held_out, source, encoder_spec, tokenizer, latent_shape,
                    tokenizer.latent_frames(spec.history), text.dim)
 
 
-def latent_run(cfg, rt, dataset, episodes, held_out):
+def latent_run(cfg, rt, dataset, episodes, labelled, held_out):
     """A pre-encoded dataset's RunData: its window, latents and text states as they were encoded (no encoder is
     built). The window flags must be the ones it was encoded with."""
     asked, m = window_spec(cfg), dataset.manifest
@@ -298,7 +304,8 @@ def latent_run(cfg, rt, dataset, episodes, held_out):
                          + ", ".join(differ))
     rt.log(f"data: pre-encoded latents {m['latent_shape']} ({m['dtype']}), {m['context_frames']} context frames; "
            f"encoders {m['encoders']['video']['kind']} + {m['encoders']['text']['kind']} (not run in training)")
-    return RunData(dataset, dataset.spec, latent_data.LatentWindows(dataset, episodes), held_out, None,
+    return RunData(dataset, dataset.spec, latent_data.LatentWindows(dataset, episodes),
+                   latent_data.LatentWindows(dataset, labelled), held_out, None,
                    m["encoders"], None, tuple(m["latent_shape"]), m["context_frames"], m["text"]["dim"])
 
 
@@ -434,11 +441,11 @@ def action_stage(cfg, rt, run, video, resume):
 
     cache = None
     if cfg.action.cache:   # config.check: only with a fixed tau_v
-        cache = FeatureCache(video, run.windows, run.tokenizer, run.n_cond, cfg.action.k, float(cfg.action.tau_v),
+        cache = FeatureCache(video, run.action_windows, run.tokenizer, run.n_cond, cfg.action.k, float(cfg.action.tau_v),
                              cfg.action.cache, cfg.seed, rt)
 
     def step_loss(g):
-        batch = rt.rows(draw_action_batch(g, run.windows, run.tokenizer, norms, cfg.action, cache))
+        batch = rt.rows(draw_action_batch(g, run.action_windows, run.tokenizer, norms, cfg.action, cache))
         return action_loss(video, decoder, batch, run.n_cond, cfg.action.k, cfg.action.repeats, cache)
 
     decoder.train()

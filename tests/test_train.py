@@ -388,6 +388,22 @@ def test_the_action_batch_draws_tau_a_and_the_proprio_dropout_as_configured(smok
         assert batch.tau_v.min() > 0 and batch.tau_v.max() <= 1 and batch.proprio.abs().max() <= 1
 
 
+def test_stage_2_learns_from_the_first_episodes_of_each_task_and_stage_1_from_all(smoke_data):
+    cfg, run = smoke_data
+    tasks = run.dataset.tasks
+    assert data.first_per_task(tasks, np.arange(len(tasks)), 2).tolist() == \
+        sorted(e for t in dict.fromkeys(tasks) for e in [i for i, u in enumerate(tasks) if u == t][:2])
+    cfg = replace(cfg, action=replace(cfg.action, episodes=1))
+    labelled = train.load_data(cfg, parallel.Runtime())
+    chosen = data.first_per_task(tasks, np.arange(len(tasks)), 1)
+    assert len(chosen) == len(set(tasks)) and len(labelled.windows) == len(run.windows)
+    assert set(labelled.action_windows.episode) == set(chosen.tolist())
+    norms = (data.Normalizer(run.dataset.manifest["proprio_range"]), data.Normalizer(run.dataset.manifest["action_range"]))
+    batch = train.draw_action_batch(torch.Generator().manual_seed(0), labelled.action_windows, run.tokenizer, norms,
+                                    replace(cfg.action, batch_size=64))
+    assert set(labelled.action_windows.episode[batch.window.numpy()]) <= set(chosen.tolist())
+
+
 def test_the_held_out_split_is_per_task_and_zero_means_none():
     tasks = ["a"] * 10 + ["b"] * 10 + ["c"] * 3 + ["d"]
     train_ids, held_out = data.split_by_task(tasks, 0.1)
