@@ -80,3 +80,13 @@ def test_the_tau_v_experiment_runs_end_to_end(base, tmp_path, capsys):
     assert point["config"]["action"]["tau_v"] == "uniform" and point["config"]["action"]["cache"] == 0
     assert Image.open(tmp_path / "tau_v.png").size[0] == 760
     assert "action error on the true future" in capsys.readouterr().out
+
+
+def test_the_data_efficiency_experiment_runs_end_to_end(base, tmp_path):
+    experiments.main(["data", "--base", str(base), "--out", str(tmp_path), "--labelled", "1,3"])
+    result = json.loads((tmp_path / "data.json").read_text())
+    assert list(result["rows"]) == ["1 action episodes per task", "3 action episodes per task"]
+    for n in (1, 3):
+        point = json.loads((tmp_path / f"episodes{n}" / "results.json").read_text())
+        assert point["config"]["action"]["episodes"] == n
+    assert (tmp_path / "data.png").is_file()
