@@ -5,6 +5,8 @@ scenes, writes a JSON of every number and a PNG plot to --out, and prints a tabl
     python experiments.py oracle --base out/world --out out/experiments
     python experiments.py tau_v --base out/world --out out/experiments
     python experiments.py data --base out/world --out out/experiments
+    python experiments.py layer --base out/world --out out/experiments
+    python experiments.py history --base out/world --out out/experiments
 
 A point of an experiment is a train.py run folder of its own under --out (the base's video checkpoint copied in,
 stage 2 trained with `train.py --resume`), so a killed experiment resumes where it stopped and a finished point is
@@ -24,6 +26,11 @@ never trained again.
           for the base's stage-2 steps on the first 1, 2, 5, 10, 25, 100 episodes of each task (--action.episodes;
           the video model saw every episode's video), their closed-loop success. Not built yet: the paper's control,
           the same decoder on a static-image model's states.
+  layer   The paper: a middle layer k is best, the first and last clearly worse. Here: a video model of --layers
+          blocks (stage 1 anew, the base's settings otherwise), and a decoder on each of its blocks with the same
+          budget (the base's stage-2 steps); success and the policy's action error on fresh expert episodes per k.
+  history The paper: 5 history frames beat 1. Here: both stages anew with H_o = 1 and 4 history frames against
+          the base's 2; success of each.
 
 Not here: training (train.py), the policy and its inference (sample.py), the evaluation harness (evaluation.py).
 """
@@ -108,13 +115,14 @@ def as_args(cfg, prefix=""):
     return args
 
 
-def train_point(base, out, name, **overrides):
-    """The point `name`: stage 2 (and evaluation) of train.py on a copy of the base's video model, with the base's
-    configuration and `overrides` ({"action.tau_v": "0.4", ...}); returns its folder. Resumes an unfinished point."""
+def train_point(base, out, name, stage_1=False, **overrides):
+    """The point `name`: stage 2 (and evaluation) of train.py on a copy of the base's video model, or with stage_1
+    both stages anew, with the base's configuration and `overrides` ({"action.tau_v": "0.4", ...}); returns its
+    folder. Resumes an unfinished point."""
     cfg, point = base_config(base), Path(out) / name
     if not (point / "results.json").is_file():
         point.mkdir(parents=True, exist_ok=True)
-        if not (point / "video.safetensors").is_file():
+        if not stage_1 and not (point / "video.safetensors").is_file():
             shutil.copyfile(Path(base) / "video.safetensors", point / "video.safetensors")
         flags = {**dict(zip(as_args(cfg)[::2], as_args(cfg)[1::2])), "--out": str(point), "--eval.gif": "false",
                  **{f"--{k}": str(v) for k, v in overrides.items()}}
@@ -144,6 +152,17 @@ def fresh_episodes(out, per_task=25, seed=1000):
     if not (root / data.MANIFEST).exists():
         expert.generate_dataset(root, episodes_per_task=per_task, seed=seed)
     return data.Dataset(root)
+
+
+def policy_error(point, episodes, max_windows=256):
+    """The point's policy's action error (normalised units) on fresh expert episodes, as it acts (its own video
+    prediction); kept in the point's folder."""
+    path = Path(point) / "policy_error.json"
+    if not path.is_file():
+        policy, _ = VAMPolicy.load(point, seed=0)
+        mse = evaluation.held_out_error(policy, episodes, policy.spec, np.arange(len(episodes)), max_windows)
+        path.write_text(json.dumps({"action_mse": mse, "windows": max_windows}))
+    return json.loads(path.read_text())["action_mse"]
 
 
 def ground_truth_error(point, tau_v, episodes, max_windows=256):
@@ -200,7 +219,28 @@ def data_efficiency(args):
                   "1 episode per task)"), None
 
 
-EXPERIMENTS = {"oracle": oracle, "tau_v": tau_v, "data": data_efficiency}
+def layer(args):
+    deep = train_point(args.base, args.out, f"layers{args.layers}", stage_1=True,
+                       **{"video.layers": args.layers, "action.k": args.layers // 2})
+    rows, errors, fresh = {}, {}, fresh_episodes(args.out)
+    for k in range(args.layers):
+        point = deep if k == args.layers // 2 else train_point(deep, args.out, f"layers{args.layers}-k{k}",
+                                                                **{"action.k": k})
+        rows[f"k = {k} of {args.layers} blocks"] = json.loads((point / "results.json").read_text())
+        errors[f"k = {k} of {args.layers} blocks"] = policy_error(point, fresh, args.windows)
+    return rows, f"the paper: a middle layer is best (k = 19 of 28); here {args.layers} blocks", errors
+
+
+def history(args):
+    cfg, rows = base_config(args.base), {}
+    for h in args.histories:
+        point = Path(args.base) if h == cfg["history"] else \
+            train_point(args.base, args.out, f"history{h}", stage_1=True, history=h)
+        rows[f"H_o = {h} history frames"] = json.loads((point / "results.json").read_text())
+    return rows, "the paper: 5 history frames beat 1", None
+
+
+EXPERIMENTS = {"oracle": oracle, "tau_v": tau_v, "data": data_efficiency, "layer": layer, "history": history}
 
 
 def report(out, name, rows, claim, errors=None):
@@ -258,6 +298,9 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=256, help="tau_v: windows of fresh expert episodes per action error")
     p.add_argument("--labelled", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 5, 10, 25, 100],
                    help="data: action-labelled episodes per task of each point, comma-separated")
+    p.add_argument("--layers", type=int, default=8, help="layer: blocks of the deeper video model trained for it")
+    p.add_argument("--histories", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 4],
+                   help="history: H_o of each point, comma-separated (the base's own H_o is the base run)")
     p.add_argument("--cache", type=int, default=2, help="noise draws of the decoder's cached video states "
                    "(--action.cache)")
     args = p.parse_args(argv)

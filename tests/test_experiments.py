@@ -90,3 +90,14 @@ def test_the_data_efficiency_experiment_runs_end_to_end(base, tmp_path):
         point = json.loads((tmp_path / f"episodes{n}" / "results.json").read_text())
         assert point["config"]["action"]["episodes"] == n
     assert (tmp_path / "data.png").is_file()
+
+
+def test_the_layer_and_history_experiments_run_end_to_end(base, tmp_path):
+    experiments.main(["layer", "--base", str(base), "--out", str(tmp_path), "--layers", "2", "--windows", "16"])
+    result = json.loads((tmp_path / "layer.json").read_text())
+    assert list(result["rows"]) == ["k = 0 of 2 blocks", "k = 1 of 2 blocks"]
+    assert json.loads((tmp_path / "layers2-k0" / "results.json").read_text())["config"]["action"]["k"] == 0
+    experiments.main(["history", "--base", str(base), "--out", str(tmp_path), "--histories", "1,2"])
+    rows = json.loads((tmp_path / "history.json").read_text())["rows"]
+    assert list(rows) == ["H_o = 1 history frames", "H_o = 2 history frames"]
+    assert json.loads((tmp_path / "history1" / "results.json").read_text())["config"]["history"] == 1
