@@ -40,6 +40,10 @@ class VideoStage(Optim):
     lora_alpha: float = arg(32.0, "LoRA alpha (with --video.pretrained)")
     checkpointing: bool = arg(False, "activation checkpointing: keep each DiT block's input, recompute the rest in "
                                      "the backward (less memory, one more forward; the 2B at 480x640 needs it)")
+    static: bool = arg(False, "the static-image control (experiments.py data; not the method): the video model "
+                              "learns to denoise the H_o history frames from the instruction alone, no context and no "
+                              "future, and the decoder reads its states on the observed frames noised to a fixed "
+                              "--action.tau_v < 1 (the stand-in for the paper's VLM-conditioned baseline)")
     patch: int = arg(2, "spatial patch size of the video model (scratch training only)")
     heads: int = arg(0, "attention heads, i.e. width / head_dim (scratch training only; 0: the preset's)")
     layers: int = arg(0, "blocks (scratch training only; 0: the preset's)")
@@ -227,13 +231,18 @@ def check(cfg):
         if not 0 <= cfg.action.k < layers:
             problems.append(f"--action.k must name one of the video model's blocks, 0 .. {layers - 1} "
                             f"(--video.layers {layers}), got {cfg.action.k}")
+    fixed = None   # the decoder's fixed tau_v, if it has one
     if cfg.action.tau_v != "uniform":
         try:
-            ok = 0 < float(cfg.action.tau_v) <= 1
+            fixed = float(cfg.action.tau_v)
         except ValueError:
-            ok = False
-        if not ok:
+            pass
+        if fixed is None or not 0 < fixed <= 1:
             problems.append(f"--action.tau_v must be 'uniform' or a number in (0, 1], got {cfg.action.tau_v!r}")
+    if cfg.video.static and (fixed is None or not 0 < fixed < 1 or cfg.eval.tau_v != fixed):
+        problems.append(f"--video.static reads the observed frames noised to one tau_v < 1 (at 1 they are pure "
+                        f"noise): give --action.tau_v and --eval.tau_v the same value in (0, 1), got "
+                        f"{cfg.action.tau_v!r} and {cfg.eval.tau_v}")
     if cfg.action.cache and cfg.action.tau_v == "uniform":
         problems.append(f"--action.cache {cfg.action.cache} needs a fixed --action.tau_v (the cached states are those "
                         f"of one tau_v), got 'uniform'; or --action.cache 0")

@@ -305,8 +305,8 @@ class Windows:
     Batches are gathered by numpy indexing from the in-memory arrays: no worker processes, and no multi-threaded
     torch gathers, which were 10x slower than numpy's on a busy 2-core machine."""
 
-    def __init__(self, dataset, spec, text_encoder, episodes=None):
-        self.data, self.spec = dataset, spec
+    def __init__(self, dataset, spec, text_encoder, episodes=None, future=True):
+        self.data, self.spec, self.future = dataset, spec, future   # future False: the history frames alone
         episodes = np.arange(len(dataset)) if episodes is None else np.asarray(episodes, dtype=np.int64)
         lengths = dataset.lengths[episodes]
         self.episode = np.repeat(episodes, lengths)                                  # (windows,)
@@ -322,12 +322,13 @@ class Windows:
 
     def batch(self, ids):
         """The windows `ids` as a dict of tensors:
-        frames (B, H_o + F, H, W, C) uint8 (history then future), proprio (B, P), actions (B, H_a, A),
+        frames (B, H_o + F, H, W, C) uint8 (history then future; the H_o history frames alone where the windows
+        were made with future=False), proprio (B, P), actions (B, H_a, A),
         text (B, L, D), episode (B,), t (B,)."""
         d, s = self.data, self.spec
         e, t = self.episode[ids], self.t[ids]
         T, f0 = d.lengths[e], d.frame_start[e]
-        frames = d.frames[f0[:, None] + window_frames(s, t, T)]
+        frames = d.frames[f0[:, None] + window_frames(s, t, T)[:, :None if self.future else s.history]]
         actions = action_chunks(s, d.actions, d.action_start[e], t, T, self.hold)
         return {"frames": torch.from_numpy(frames), "proprio": torch.from_numpy(d.proprio[f0 + t]),
                 "actions": torch.from_numpy(actions), "text": torch.from_numpy(self.text[e]),

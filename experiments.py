@@ -24,8 +24,10 @@ never trained again.
           it reads the states of their recorded future noised to tau_v.
   data    The paper: the video-conditioned decoder needs a fraction of the action data. Here: decoders trained
           for the base's stage-2 steps on the first 1, 2, 5, 10, 25, 100 episodes of each task (--action.episodes;
-          the video model saw every episode's video), their closed-loop success. Not built yet: the paper's control,
-          the same decoder on a static-image model's states.
+          the video model saw every episode's video), their closed-loop success; against the same decoders, same
+          steps, on the static-image control: the same DiT trained on the same videos to denoise the current
+          (history) frames from the instruction alone, no future (train.py --video.static), its states read on the
+          observed frames noised to --tau_v (the stand-in for the paper's VLM-conditioned baseline).
   layer   The paper: a middle layer k is best, the first and last clearly worse. Here: a video model of --layers
           blocks (stage 1 anew, the base's settings otherwise), and a decoder on each of its blocks with the same
           budget (the base's stage-2 steps); success and the policy's action error on fresh expert episodes per k.
@@ -211,12 +213,19 @@ def tau_v(args):
 def data_efficiency(args):
     cfg = base_config(args.base)
     cache = args.cache if cfg["action"]["tau_v"] != "uniform" else 0
+    most = max(args.labelled)
+    static = train_point(args.base, args.out, "static", stage_1=True,
+                         **{"video.static": True, "action.tau_v": args.tau_v, "eval.tau_v": args.tau_v,
+                            "action.cache": args.cache, "action.episodes": most})
     rows = {}
     for n in args.labelled:
-        point = train_point(args.base, args.out, f"episodes{n}", **{"action.episodes": n, "action.cache": cache})
-        rows[f"{n} action episodes per task"] = json.loads((point / "results.json").read_text())
-    return rows, ("the paper: the video-conditioned decoder needs a fraction of the action data (77% on LIBERO with "
-                  "1 episode per task)"), None
+        video = train_point(args.base, args.out, f"episodes{n}", **{"action.episodes": n, "action.cache": cache})
+        control = static if n == most else train_point(static, args.out, f"static-episodes{n}",
+                                                       **{"action.episodes": n})
+        rows[f"{n} per task: video model"] = json.loads((video / "results.json").read_text())
+        rows[f"{n} per task: static image"] = json.loads((control / "results.json").read_text())
+    return rows, ("the paper: the video-conditioned decoder needs a fraction of the action data of an image-"
+                  "conditioned one (77% on LIBERO with 1 episode per task)"), None
 
 
 def layer(args):
@@ -293,8 +302,9 @@ def main(argv=None):
     p.add_argument("experiment", choices=sorted(EXPERIMENTS))
     p.add_argument("--base", default="out/world", help="a finished `python train.py` run in the built-in world")
     p.add_argument("--out", default="out/experiments", help="folder of the experiments' points, JSONs and plots")
-    p.add_argument("--tau_v", type=float, default=0.4, help="oracle: the tau_v its decoder is trained and run at "
-                   "(the paper: action reconstruction from noisy ground-truth latents is best near 0.4)")
+    p.add_argument("--tau_v", type=float, default=0.4, help="oracle, and data's static-image control: the tau_v its "
+                   "decoder is trained and run at (the paper: action reconstruction from noisy ground-truth latents "
+                   "is best near 0.4)")
     p.add_argument("--windows", type=int, default=256, help="tau_v: windows of fresh expert episodes per action error")
     p.add_argument("--labelled", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 5, 10, 25, 100],
                    help="data: action-labelled episodes per task of each point, comma-separated")

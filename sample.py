@@ -65,6 +65,7 @@ class VAMPolicy:
         self.n_cond = run.get("context_frames", self.spec.history)
         self.encoder_spec = run.get("encoders") or encoders.stand_in_spec(run["tokenizer_factor"], run["text_length"],
                                                                           video.cfg.text_dim)
+        self.static = run.get("static", False)
         self._encoders = None   # built on first use: a policy given latents (act_encoded) never loads them
         self.generator = torch.Generator().manual_seed(seed)
         self.device = next(decoder.parameters()).device
@@ -113,7 +114,9 @@ class VAMPolicy:
     def plan_encoded(self, context, text):
         """Steps 2-3 on encoded inputs: context latents (N, C, >= n_cond, h, w), text states (N, L, D)."""
         velocity, noise = self._start(context, text)
-        if self.video_taus is None:
+        if self.static:   # the static-image control (train.py --video.static): the observed frames noised to tau_v
+            x = flow.interpolate(context, noise, torch.full((len(noise),), self.tau_v, device=self.device))
+        elif self.video_taus is None:
             x = flow.euler(velocity, noise, 1.0, self.tau_v, self.video_steps)
         else:   # the release's sampler starts at tau_0 < 1 on x = tau_0 eps (see flow.karras_taus)
             x = flow.euler_on(velocity, self.video_taus[0].item() * noise, self.video_taus)

@@ -278,19 +278,25 @@ def load_data(cfg, rt):
         rt.log(f"data: stage 2 on the first {cfg.action.episodes} training episodes of each task ({len(labelled)} "
                f"of {len(episodes)}); stage 1 on all")
     if latent:
+        if cfg.video.static:
+            raise SystemExit(f"--video.static needs the frames: {root} holds pre-encoded windows with their future")
         return latent_run(cfg, rt, dataset, episodes, labelled, held_out)
-    spec, encoder_spec = window_spec(cfg), encoders_of(cfg)
+    spec, encoder_spec, static = window_spec(cfg), encoders_of(cfg), cfg.video.static
     try:
         tokenizer, text = encoders.build(encoder_spec, rt.device)
-        windows = data.Windows(dataset, spec, text, episodes)
-        action_windows = windows if cfg.action.episodes == 0 else data.Windows(dataset, spec, text, labelled)
+        windows = data.Windows(dataset, spec, text, episodes, future=not static)
+        action_windows = windows if cfg.action.episodes == 0 else \
+            data.Windows(dataset, spec, text, labelled, future=not static)
         height, width, channels = dataset.manifest["frame_shape"]
-        latent_shape = (tokenizer.channels(channels), tokenizer.latent_frames(spec.history + spec.future),
+        latent_shape = (tokenizer.channels(channels), tokenizer.latent_frames(spec.history + (0 if static else
+                                                                                              spec.future)),
                         *tokenizer.latent_size(height, width))
     except ValueError as e:   # e.g. an instruction longer than the text encoder holds, or no VAE in a folder
         raise SystemExit(f"data: {e}") from None
+    # the static-image control denoises its history frames from the text alone: no context frame
+    n_cond = 0 if static else tokenizer.latent_frames(spec.history)
     return RunData(dataset, spec, windows, action_windows, held_out, source, encoder_spec, tokenizer, latent_shape,
-                   tokenizer.latent_frames(spec.history), text.dim)
+                   n_cond, text.dim)
 
 
 def latent_run(cfg, rt, dataset, episodes, labelled, held_out):
@@ -392,7 +398,8 @@ def run_meta(cfg, run_data):
             "latent_frames": run_data.latent_shape[1], "frame_shape": m["frame_shape"],
             "proprio_range": m["proprio_range"], "action_range": m["action_range"], "tau_v": cfg.eval.tau_v,
             "video_steps": cfg.eval.video_steps, "action_steps": cfg.eval.action_steps, "replan": cfg.eval.replan,
-            "tasks": source["tasks"] if source else None, "world_config": source["config"] if source else None}
+            "tasks": source["tasks"] if source else None, "world_config": source["config"] if source else None,
+            "static": cfg.video.static}
 
 # ----------------------------------------------------------------------------- the two stages
 
@@ -467,8 +474,9 @@ def evaluate(cfg, policy, run):
         return {"held_out_action_mse": mse, "held_out_episodes": len(run.held_out)}, \
             f"held-out action MSE {mse:.4f} (normalised units, {len(run.held_out)} episodes)"
     gif = Path(cfg.out) / "rollouts.gif" if cfg.eval.gif else None
+    imagine = policy.imagine if gif and not cfg.video.static else None
     result = world.evaluate(policy, run.source["tasks"], cfg.eval.episodes, world.WorldConfig(**run.source["config"]),
-                            gif_path=gif, imagine=policy.imagine if gif else None, replan_every=cfg.eval.replan,
+                            gif_path=gif, imagine=imagine, replan_every=cfg.eval.replan,
                             history=run.spec.history, history_stride=run.spec.history_stride)
     lo, hi = result.interval
     return result.to_json(), (f"{result.summary()}\nsuccess {result.mean:.1%} (95% CI [{lo:.1%}, {hi:.1%}]) over "
@@ -502,10 +510,12 @@ def main(argv=None):
     t = time.perf_counter()
     video = video_stage(cfg, rt, run, video, resume)
     times["video"] = time.perf_counter() - t
-    prediction = evaluation.video_prediction_error(video, run.windows, run.tokenizer, run.n_cond, rt.device)
-    rt.log(f"video: one-step prediction of the future latents from noise, MSE {prediction['one_step_mse']:.4f} "
-           f"(predicting that nothing moves: {prediction['nothing_moves_mse']:.4f}; {prediction['windows']} "
-           f"training windows)")
+    prediction = None   # the static-image control has no future to predict
+    if not cfg.video.static:
+        prediction = evaluation.video_prediction_error(video, run.windows, run.tokenizer, run.n_cond, rt.device)
+        rt.log(f"video: one-step prediction of the future latents from noise, MSE {prediction['one_step_mse']:.4f} "
+               f"(predicting that nothing moves: {prediction['nothing_moves_mse']:.4f}; {prediction['windows']} "
+               f"training windows)")
     t = time.perf_counter()
     decoder = action_stage(cfg, rt, run, video, resume)
     times["action"] = time.perf_counter() - t

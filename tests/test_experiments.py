@@ -85,10 +85,14 @@ def test_the_tau_v_experiment_runs_end_to_end(base, tmp_path, capsys):
 def test_the_data_efficiency_experiment_runs_end_to_end(base, tmp_path):
     experiments.main(["data", "--base", str(base), "--out", str(tmp_path), "--labelled", "1,3"])
     result = json.loads((tmp_path / "data.json").read_text())
-    assert list(result["rows"]) == ["1 action episodes per task", "3 action episodes per task"]
-    for n in (1, 3):
-        point = json.loads((tmp_path / f"episodes{n}" / "results.json").read_text())
-        assert point["config"]["action"]["episodes"] == n
+    assert list(result["rows"]) == ["1 per task: video model", "1 per task: static image", "3 per task: video model",
+                                    "3 per task: static image"]
+    for n, static in ((1, "static-episodes1"), (3, "static")):
+        video = json.loads((tmp_path / f"episodes{n}" / "results.json").read_text())["config"]
+        control = json.loads((tmp_path / static / "results.json").read_text())["config"]
+        assert video["action"]["episodes"] == control["action"]["episodes"] == n
+        assert not video["video"]["static"] and control["video"]["static"]
+        assert control["action"]["steps"] == video["action"]["steps"]   # the same budget
     assert (tmp_path / "data.png").is_file()
 
 

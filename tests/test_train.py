@@ -453,3 +453,27 @@ def test_torchrun_runs_the_training_command(tmp_path, world_data):
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "world size 2" in proc.stdout and (tmp_path / "results.json").is_file()
+
+
+def test_the_static_image_control_never_sees_a_future_frame(smoke_data, tmp_path):
+    # --video.static: every window holds the H_o history frames alone, all of them the model's target (no context
+    # frame), so there is no place a future frame could enter; its policy reads the observed frames noised to tau_v.
+    cfg, run = smoke_data
+    static_cfg = replace(cfg, video=replace(cfg.video, static=True))
+    static = train.load_data(static_cfg, parallel.Runtime())
+    ids = np.arange(0, len(run.windows), 7)
+    full, alone = run.windows.batch(ids)["frames"], static.windows.batch(ids)["frames"]
+    H_o = run.spec.history
+    assert alone.shape[1] == H_o and torch.equal(alone, full[:, :H_o])
+    assert static.n_cond == 0 and static.latent_shape[1] == H_o and run.latent_shape[1] == H_o + run.spec.future
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        train.main(smoke(tmp_path / "static", cfg.world_data, "--video.static", "true", "--action.tau_v", "0.4",
+                         "--eval.tau_v", "0.4", "--eval.episodes", "1"))
+    assert "one-step prediction" not in stdout.getvalue()
+    policy, _ = VAMPolicy.load(tmp_path / "static")
+    frames = static.windows.batch(ids[:3])["frames"].numpy()
+    states, x = policy.plan(frames, ["pick up the green block"] * 3)
+    assert x.shape[2] == H_o and states.shape[1] == train.video_tokens(static, policy.video.cfg)
+    with pytest.raises(SystemExit, match="--video.static reads the observed frames noised to one tau_v < 1"):
+        train.main(smoke(tmp_path / "bad", cfg.world_data, "--video.static", "true"))
