@@ -186,12 +186,10 @@ def oracle(args):
                                                                        "action.cache": args.cache,
                                                                        "eval.tau_v": args.tau_v})
     episodes = base_config(args.base)["eval"]["episodes"]
-    rows = {"base run: its decoder at tau_v = 1, the video model's prediction": json.loads(
-                (Path(args.base) / "results.json").read_text()),
-            f"decoder at tau_v = {args.tau_v:g}, the video model's prediction (1 -> {args.tau_v:g})": json.loads(
-                (point / "results.json").read_text()),
-            f"decoder at tau_v = {args.tau_v:g}, the ground-truth future (oracle)": evaluated(
-                point, "oracle", lambda: OraclePolicy.load(point), episodes)}
+    rows = {"base run (tau_v 1, predicted)": json.loads((Path(args.base) / "results.json").read_text()),
+            f"tau_v {args.tau_v:g}, predicted future": json.loads((point / "results.json").read_text()),
+            f"tau_v {args.tau_v:g}, true future (oracle)": evaluated(point, "oracle", lambda: OraclePolicy.load(point),
+                                                                     episodes)}
     return rows, "the paper: decoding from the ground-truth future's latents is near perfect", None
 
 

@@ -31,7 +31,7 @@ def test_the_oracle_experiment_runs_end_to_end_and_resumes(base, tmp_path, capsy
     point = tmp_path / "tau_v0.4"
     assert json.loads((point / "results.json").read_text())["config"]["action"]["tau_v"] == "0.4"
     out = capsys.readouterr().out
-    assert "the ground-truth future (oracle)" in out and "cached the frozen video model's block-1 states" in out
+    assert "true future (oracle)" in out and "cached the frozen video model's block-1 states" in out
     mtime = (point / "action.safetensors").stat().st_mtime
     experiments.main(["oracle", "--base", str(base), "--out", str(tmp_path)])   # a finished point is kept
     assert (point / "action.safetensors").stat().st_mtime == mtime
