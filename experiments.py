@@ -8,9 +8,10 @@ scenes, writes a JSON of every number and a PNG plot to --out, and prints a tabl
     python experiments.py layer --base out/world --out out/experiments
     python experiments.py history --base out/world --out out/experiments
 
-A point of an experiment is a train.py run folder of its own under --out (the base's video checkpoint copied in,
-stage 2 trained with `train.py --resume`), so a killed experiment resumes where it stopped and a finished point is
-never trained again.
+A point of an experiment is a train.py run folder of its own under --out: the base's video checkpoint copied in and
+stage 2 trained by `train.py --resume`, or both stages where the finding needs another video model (layer,
+history, the static-image control). So a killed experiment resumes where it stopped and a finished point is never
+trained again.
 
   oracle  The paper: decoding actions from the ground-truth future's latents is near perfect. Here: one decoder,
           trained at a fixed tau_v on the base's video model (its states cached, feature_cache.py), evaluated twice:
@@ -20,8 +21,8 @@ never trained again.
   tau_v   The paper: the best policy is near tau_v = 1 (no video denoising), while the action error on noisy
           ground-truth latents is lowest near tau_v = 0.4. Here: one decoder trained on tau_v uniform in (0, 1] (the
           paper's way; the default trains at tau_v = 1 only), (a) its closed-loop success when the video flow is
-          integrated 1 -> tau_v, for each tau_v in TAU_VS, and (b) its action error on fresh expert episodes when
-          it reads the states of their recorded future noised to tau_v.
+          integrated 1 -> tau_v, for each tau_v of --tau_vs (0.02 standing for 0, 0.2, ..., 1), and (b) its action
+          error on fresh expert episodes when it reads the states of their recorded future noised to tau_v.
   data    The paper: the video-conditioned decoder needs a fraction of the action data. Here: decoders trained
           for the base's stage-2 steps on the first 1, 2, 5, 10, 25, 100 episodes of each task (--action.episodes;
           the video model saw every episode's video), their closed-loop success; against the same decoders, same
@@ -200,7 +201,7 @@ def tau_v(args):
     point = train_point(args.base, args.out, "tau_v-uniform", **{"action.tau_v": "uniform"})
     episodes, fresh = base_config(args.base)["eval"]["episodes"], fresh_episodes(args.out)
     rows, errors = {}, {}
-    for t in TAU_VS:
+    for t in args.tau_vs:
         label = f"tau_v = {t:g}" + (" (~0)" if t == TAU_VS[0] else "")
         rows[label] = evaluated(point, f"tau_v{t:g}", lambda: VAMPolicy.load(point, tau_v=t), episodes)
         errors[label] = ground_truth_error(point, t, fresh, args.windows)
@@ -303,6 +304,8 @@ def main(argv=None):
     p.add_argument("--tau_v", type=float, default=0.4, help="oracle, and data's static-image control: the tau_v its "
                    "decoder is trained and run at (the paper: action reconstruction from noisy ground-truth latents "
                    "is best near 0.4)")
+    p.add_argument("--tau_vs", type=lambda v: [float(t) for t in v.split(",")], default=list(TAU_VS),
+                   help="tau_v: the tau_v of each closed-loop point, comma-separated")
     p.add_argument("--windows", type=int, default=256, help="tau_v: windows of fresh expert episodes per action error")
     p.add_argument("--labelled", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 5, 10, 25, 100],
                    help="data: action-labelled episodes per task of each point, comma-separated")
