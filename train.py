@@ -1,7 +1,7 @@
 """Train a Video-Action Model in the paper's two stages, then evaluate it in closed loop.
 
     python train.py                                   # built-in world: data, stage 1, stage 2, evaluation (CPU)
-    python train.py --preset world-long               # longer training (~36 min), higher success
+    python train.py --preset world-long               # the former default trained longer (36 min, 75% in Nov.)
     python train.py --data DIR --out OUT              # any dataset in data.py's format
     python train.py --video.steps 2000 --action.lr 3e-4 ...   # any config field; see --help
     python train.py --resume                          # continue a killed run from its last checkpoint
@@ -11,7 +11,8 @@ Stage 1 (video): the video DiT learns the flow of the future latent frames given
 instruction (Video2World), tau_v logit-normal. On the built-in world the tiny DiT is trained from scratch, the
 stand-in for pretraining; with --video.pretrained a Cosmos checkpoint is adapted with LoRA (the paper's recipe).
 Stage 2 (action): the video model is frozen; the action decoder learns the action flow from its layer-k states,
-taken on ground-truth future latents noised to a sampled tau_v.
+taken on ground-truth future latents noised to a sampled tau_v (with --action.cache, as the built-in world's
+default does, looked up in states computed once before stage 2: feature_cache.py).
 
 One optimiser step (train_stage): a generator seeded by (seed, stage, step) draws the global batch of training
 windows and every random number of the step (draw_video_batch, draw_action_batch: tau, noise, proprio dropout);
