@@ -198,7 +198,7 @@ TAU_VS = (0.02, 0.2, 0.4, 0.6, 0.8, 1.0)   # 0.02 stands for 0: the video model 
 
 
 def tau_v(args):
-    point = train_point(args.base, args.out, "tau_v-uniform", **{"action.tau_v": "uniform"})
+    point = train_point(args.base, args.out, "tau_v-uniform", **{"action.tau_v": "uniform", "action.cache": 0})
     episodes, fresh = base_config(args.base)["eval"]["episodes"], fresh_episodes(args.out)
     rows, errors = {}, {}
     for t in args.tau_vs:

@@ -16,10 +16,12 @@ import world
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A finished smoke run of train.py: the base every experiment builds on."""
+    """A finished smoke run of train.py, its decoder at tau_v = 1 on cached states as the default's: the base every
+    experiment builds on."""
     root = tmp_path_factory.mktemp("base")
     with contextlib.redirect_stdout(io.StringIO()):
-        train.main(["--preset", "smoke", "--world_data", str(root / "data"), "--out", str(root / "run")])
+        train.main(["--preset", "smoke", "--world_data", str(root / "data"), "--out", str(root / "run"),
+                    "--action.tau_v", "1.0", "--action.cache", "2"])
     return root / "run"
 
 
