@@ -39,6 +39,7 @@ Not here: training (train.py), the policy and its inference (sample.py), the eva
 """
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -107,15 +108,26 @@ def base_config(base):
     return cfg
 
 
-def as_args(cfg, prefix=""):
-    """A configuration dict (dataclasses.asdict of config.Config) as train.py flags."""
-    args = []
+def as_flags(cfg, prefix=""):
+    """A configuration dict (dataclasses.asdict of config.Config) as train.py flags: {"--section.field": value}."""
+    flags = {}
     for name, value in cfg.items():
         if isinstance(value, dict):
-            args += as_args(value, f"{prefix}{name}.")
+            flags.update(as_flags(value, f"{prefix}{name}."))
         else:
-            args += [f"--{prefix}{name}", str(value)]
-    return args
+            flags[f"--{prefix}{name}"] = str(value)
+    return flags
+
+
+def kept(path, measure):
+    """The JSON at path, measured by measure() and written (atomically: a killed write leaves no half file) the first
+    time, read back afterwards."""
+    path = Path(path)
+    if not path.is_file():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(measure(), indent=1))
+        os.replace(tmp, path)
+    return json.loads(path.read_text())
 
 
 def train_point(base, out, name, stage_1=False, **overrides):
@@ -127,7 +139,7 @@ def train_point(base, out, name, stage_1=False, **overrides):
         point.mkdir(parents=True, exist_ok=True)
         if not stage_1 and not (point / "video.safetensors").is_file():
             shutil.copyfile(Path(base) / "video.safetensors", point / "video.safetensors")
-        flags = {**dict(zip(as_args(cfg)[::2], as_args(cfg)[1::2])), "--out": str(point), "--eval.gif": "false",
+        flags = {**as_flags(cfg), "--out": str(point), "--eval.gif": "false",
                  **{f"--{k}": str(v) for k, v in overrides.items()}}
         print(f"[{name}] train.py {' '.join(f'{k} {v}' for k, v in flags.items() if k[2:] in overrides)}", flush=True)
         train.main([*sum(flags.items(), ()), "--resume"])
@@ -137,16 +149,15 @@ def train_point(base, out, name, stage_1=False, **overrides):
 def evaluated(point, name, load, episodes):
     """Closed-loop success of the policy load() -> (policy, metadata) gives, kept in point/{name}.json once
     measured."""
-    path = Path(point) / f"{name}.json"
-    if not path.is_file():
+    def measure():
         policy, meta = load()
         run = meta["run"]
         result = world.evaluate(policy, run["tasks"], episodes, world.WorldConfig(**run["world_config"]),
                                 replan_every=run["replan"], history=policy.spec.history,
                                 history_stride=policy.spec.history_stride)
         print(f"[{Path(point).name}: {name}]\n{result.summary()}", flush=True)
-        path.write_text(json.dumps(result.to_json(), indent=1))
-    return json.loads(path.read_text())
+        return result.to_json()
+    return kept(Path(point) / f"{name}.json", measure)
 
 
 def fresh_episodes(out, per_task=25, seed=1000):
@@ -160,24 +171,22 @@ def fresh_episodes(out, per_task=25, seed=1000):
 def policy_error(point, episodes, max_windows=256):
     """The point's policy's action error (normalised units) on fresh expert episodes, as it acts (its own video
     prediction); kept in the point's folder."""
-    path = Path(point) / "policy_error.json"
-    if not path.is_file():
+    def measure():
         policy, _ = VAMPolicy.load(point, seed=0)
-        mse = evaluation.held_out_error(policy, episodes, policy.spec, np.arange(len(episodes)), max_windows)
-        path.write_text(json.dumps({"action_mse": mse, "windows": max_windows}))
-    return json.loads(path.read_text())["action_mse"]
+        return {"action_mse": evaluation.held_out_error(policy, episodes, policy.spec, np.arange(len(episodes)),
+                                                        max_windows), "windows": max_windows}
+    return kept(Path(point) / "policy_error.json", measure)["action_mse"]
 
 
 def ground_truth_error(point, tau_v, episodes, max_windows=256):
     """The point's decoder's action error (normalised units) on fresh expert episodes, reading the video model's
     states on each window's recorded future noised to tau_v (no video prediction); kept in the point's folder."""
-    path = Path(point) / f"ground_truth_error_tau_v{tau_v:g}.json"
-    if not path.is_file():
+    def measure():
         policy, _ = OraclePolicy.load(point, tau_v=tau_v, seed=0)
-        mse = evaluation.held_out_error(policy, episodes, policy.spec, np.arange(len(episodes)), max_windows,
-                                        with_future=True)
-        path.write_text(json.dumps({"tau_v": tau_v, "action_mse": mse, "windows": max_windows}))
-    return json.loads(path.read_text())["action_mse"]
+        return {"tau_v": tau_v, "windows": max_windows,
+                "action_mse": evaluation.held_out_error(policy, episodes, policy.spec, np.arange(len(episodes)),
+                                                        max_windows, with_future=True)}
+    return kept(Path(point) / f"ground_truth_error_tau_v{tau_v:g}.json", measure)["action_mse"]
 
 # ----------------------------------------------------------------------------- the experiments
 
