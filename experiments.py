@@ -133,7 +133,9 @@ def kept(path, measure):
 def train_point(base, out, name, stage_1=False, **overrides):
     """The point `name`: stage 2 (and evaluation) of train.py on a copy of the base's video model, or with stage_1
     both stages anew, with the base's configuration and `overrides` ({"action.tau_v": "0.4", ...}); returns its
-    folder. Resumes an unfinished point."""
+    folder (named with the decoder budget where --steps set one). Resumes an unfinished point."""
+    if "action.steps" in overrides:
+        name = f"{name}-steps{overrides['action.steps']}"
     cfg, point = base_config(base), Path(out) / name
     if not (point / "results.json").is_file():
         point.mkdir(parents=True, exist_ok=True)
@@ -191,8 +193,13 @@ def ground_truth_error(point, tau_v, episodes, max_windows=256):
 # ----------------------------------------------------------------------------- the experiments
 
 
+def budget(args):
+    """The decoder budget of every point of an experiment: --steps where given, else the base's stage-2 steps."""
+    return {"action.steps": args.steps} if args.steps else {}
+
+
 def oracle(args):
-    point = train_point(args.base, args.out, f"tau_v{args.tau_v:g}", **{"action.tau_v": args.tau_v,
+    point = train_point(args.base, args.out, f"tau_v{args.tau_v:g}", **budget(args), **{"action.tau_v": args.tau_v,
                                                                        "action.cache": args.cache,
                                                                        "eval.tau_v": args.tau_v})
     episodes = base_config(args.base)["eval"]["episodes"]
@@ -207,7 +214,8 @@ TAU_VS = (0.02, 0.2, 0.4, 0.6, 0.8, 1.0)   # 0.02 stands for 0: the video model 
 
 
 def tau_v(args):
-    point = train_point(args.base, args.out, "tau_v-uniform", **{"action.tau_v": "uniform", "action.cache": 0})
+    point = train_point(args.base, args.out, "tau_v-uniform", **budget(args),
+                        **{"action.tau_v": "uniform", "action.cache": 0})
     episodes, fresh = base_config(args.base)["eval"]["episodes"], fresh_episodes(args.out)
     rows, errors = {}, {}
     for t in args.tau_vs:
@@ -222,12 +230,13 @@ def data_efficiency(args):
     cfg = base_config(args.base)
     cache = args.cache if cfg["action"]["tau_v"] != "uniform" else 0
     most = max(args.labelled)
-    static = train_point(args.base, args.out, "static", stage_1=True,
+    static = train_point(args.base, args.out, "static", stage_1=True, **budget(args),
                          **{"video.static": True, "action.tau_v": args.tau_v, "eval.tau_v": args.tau_v,
                             "action.cache": args.cache, "action.episodes": most})
     rows = {}
     for n in args.labelled:
-        video = train_point(args.base, args.out, f"episodes{n}", **{"action.episodes": n, "action.cache": cache})
+        video = train_point(args.base, args.out, f"episodes{n}", **budget(args),
+                            **{"action.episodes": n, "action.cache": cache})
         control = static if n == most else train_point(static, args.out, f"static-episodes{n}",
                                                        **{"action.episodes": n})
         rows[f"{n} per task: video model"] = json.loads((video / "results.json").read_text())
@@ -237,7 +246,7 @@ def data_efficiency(args):
 
 
 def layer(args):
-    deep = train_point(args.base, args.out, f"layers{args.layers}", stage_1=True,
+    deep = train_point(args.base, args.out, f"layers{args.layers}", stage_1=True, **budget(args),
                        **{"video.layers": args.layers, "action.k": args.layers // 2})
     rows, errors, fresh = {}, {}, fresh_episodes(args.out)
     for k in range(args.layers):
@@ -251,8 +260,10 @@ def layer(args):
 def history(args):
     cfg, rows = base_config(args.base), {}
     for h in args.histories:
-        point = Path(args.base) if h == cfg["history"] else \
-            train_point(args.base, args.out, f"history{h}", stage_1=True, history=h)
+        if h == cfg["history"]:   # the base run itself, or its video model with the experiment's decoder budget
+            point = train_point(args.base, args.out, f"history{h}", **budget(args)) if args.steps else Path(args.base)
+        else:
+            point = train_point(args.base, args.out, f"history{h}", stage_1=True, history=h, **budget(args))
         rows[f"H_o = {h} history frames"] = json.loads((point / "results.json").read_text())
     return rows, "the paper: 5 history frames beat 1", None
 
@@ -321,9 +332,13 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=8, help="layer: blocks of the deeper video model trained for it")
     p.add_argument("--histories", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 4],
                    help="history: H_o of each point, comma-separated (the base's own H_o is the base run)")
+    p.add_argument("--steps", type=int, default=0, help="stage-2 (decoder) steps of every point of the experiment "
+                   "(0: the base's); the points of one experiment always share one budget")
     p.add_argument("--cache", type=int, default=2, help="noise draws of the decoder's cached video states "
                    "(--action.cache)")
     args = p.parse_args(argv)
+    if args.steps < 0:
+        raise SystemExit(f"--steps must be >= 0 (0: the base's), got {args.steps}")
     if not 0 < args.tau_v <= 1:
         raise SystemExit(f"--tau_v must lie in (0, 1], got {args.tau_v}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
