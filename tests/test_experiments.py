@@ -74,12 +74,15 @@ def test_the_oracles_future_frames_are_what_the_experts_actions_produce(base):
 
 
 def test_the_tau_v_experiment_runs_end_to_end(base, tmp_path, capsys):
-    experiments.main(["tau_v", "--base", str(base), "--out", str(tmp_path), "--windows", "32", "--tau_vs", "0.02,1"])
+    experiments.main(["tau_v", "--base", str(base), "--out", str(tmp_path), "--windows", "32", "--tau_vs", "0.02,1",
+                      "--steps", "3"])
     result = json.loads((tmp_path / "tau_v.json").read_text())
     assert list(result["rows"]) == list(result["ground_truth_action_error"]) == ["tau_v = 0.02 (~0)", "tau_v = 1"]
     assert all(e > 0 for e in result["ground_truth_action_error"].values())
-    point = json.loads((tmp_path / "tau_v-uniform" / "results.json").read_text())
+    point = json.loads((tmp_path / "tau_v-uniform-steps3" / "results.json").read_text())   # --steps names the point
     assert point["config"]["action"]["tau_v"] == "uniform" and point["config"]["action"]["cache"] == 0
+    assert point["config"]["action"]["steps"] == 3 != json.loads((base / "results.json").read_text())["config"][
+        "action"]["steps"]
     assert Image.open(tmp_path / "tau_v.png").size[0] == 760
     assert "action error on the true future" in capsys.readouterr().out
 
