@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -294,11 +295,11 @@ def plot(path, title, labels, panels, width=760, row=26):
     """Horizontal charts, one panel per (caption, [(value, lo, hi)] per label, axis maximum): a dot at the value
     and a bar over [lo, hi] on each label's row."""
     left, right = 12, 190
-    height = 30 + len(panels) * (row * len(labels) + 50)
-    image = Image.new("RGB", (width, height), "white")
+    title = textwrap.wrap(title, 118)   # ~6 pixels a character in PIL's default font
+    top = 14 + 14 * len(title)
+    image = Image.new("RGB", (width, top + len(panels) * (row * len(labels) + 50)), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((left, 8), title[:120], fill="black")
-    top = 30
+    draw.multiline_text((left, 8), "\n".join(title), fill="black")
     for caption, points, axis in panels:
         draw.text((right, top), caption, fill="black")
         top += 16
