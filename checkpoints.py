@@ -151,7 +151,8 @@ def load_model(path, model_class, config_class, device="cpu"):
         cfg = config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: its model config does not describe a {model_class.__name__}: {e}") from None
-    model = model_class(cfg)
+    with torch.random.fork_rng(devices=[]):   # its random initialisation, overwritten, leaves the caller's RNG alone
+        model = model_class(cfg)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -163,10 +164,12 @@ def _optimised(opt):
     return [p for group in opt.param_groups for p in group["params"]]
 
 
-def state_tensors(module, opt):
-    """What a resumable point holds: the trainable parameters (LoRA's adapters alone when the base is frozen) and
-    AdamW's moments, by name."""
-    tensors = {f"model.{n}": p for n, p in module.named_parameters() if p.requires_grad}
+def state_tensors(module, opt, ema=None):
+    """What a resumable point holds: the trainable parameters (LoRA's adapters alone when the base is frozen),
+    AdamW's moments and, given, the weights' moving average (ema: a tensor per trainable parameter), by name."""
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    tensors = {f"model.{n}": p for n, p in trainable}
+    tensors.update({f"ema.{n}": e for (n, _), e in zip(trainable, ema or [])})
     for i, p in enumerate(_optimised(opt)):
         for key, value in opt.state.get(p, {}).items():
             tensors[f"optim.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
@@ -178,10 +181,11 @@ def save_state(path, tensors, step, config):
     save(path, tensors, {"step": step, "config": config})
 
 
-def load_state(path, module, opt, config, place=None):
-    """Restore a point written by save_state into module and opt; returns its step. The run's config must be the
-    one it was written with. place(tensor, param): the file's whole tensor as this process holds param's values
-    (a sharded parameter's shard, train.py's FSDP2); default: as it is, on param's device."""
+def load_state(path, module, opt, config, place=None, ema=None):
+    """Restore a point written by save_state into module, opt and, given, ema (the moving average's tensors, one per
+    trainable parameter); returns its step. The run's config must be the one it was written with.
+    place(tensor, param): the file's whole tensor as this process holds param's values (a sharded parameter's
+    shard, train.py's FSDP2); default: as it is, on param's device."""
     tensors, meta = read(path)
     if meta.get("config") != config:
         diff = ", ".join(_differences(meta.get("config") or {}, config)) or "its format"
@@ -189,12 +193,15 @@ def load_state(path, module, opt, config, place=None):
                          f"resume with the same flags, or use another --out")
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
     missing = [n for n in trainable if f"model.{n}" not in tensors]
+    missing += [f"ema.{n}" for n in trainable if ema is not None and f"ema.{n}" not in tensors]
     if missing:
         raise ValueError(f"{path} lacks trainable parameters of this model, e.g. {missing[:3]}")
     place = place or (lambda tensor, param: tensor.to(param.device))
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(place(tensors[f"model.{name}"], p))
+        for (name, p), e in zip(trainable.items(), ema or []):
+            e.copy_(place(tensors[f"ema.{name}"], p))
     for i, p in enumerate(_optimised(opt)):
         keys = [k for k in tensors if k.startswith(f"optim.{i}.")]
         if keys:

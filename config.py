@@ -29,6 +29,8 @@ class Optim:
     schedule: str = arg("cosine", "after warm-up: constant | linear (to 0) | cosine (to 0)")
     weight_decay: float = arg(0.0, "AdamW weight decay (matrices only)")
     grad_clip: float = arg(1.0, "gradient norm clip")
+    ema: float = arg(0.0, "decay of an exponential moving average of the weights, saved in their place at the end "
+                          "(0: none; warmed up as min(ema, (1 + step) / (10 + step)))")
 
 
 @dataclass

@@ -178,12 +178,14 @@ class TauBinnedLoss:
 def train_stage(stage, module, step_loss, s, cfg, rt, resume, sharded=False):
     """Optimise module's trainable parameters with AdamW for s.steps steps of step_loss(generator) ->
     (mean loss, per-sample losses, per-sample tau). Resumable from {stage}.state.safetensors in cfg.out.
-    sharded: module is FSDP2-sharded (shard()), which averages the gradients itself."""
+    sharded: module is FSDP2-sharded (shard()), which averages the gradients itself.
+    With s.ema > 0 the weights' exponential moving average is kept beside them and copied into them at the end."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=s.lr)
+    ema = [p.detach().clone() for p in params] if s.ema else None
     state_path = Path(cfg.out) / f"{stage}.state.safetensors"
-    step = _resume_state(state_path, module, opt, cfg, sharded) if resume and state_path.exists() else 0
+    step = _resume_state(state_path, module, opt, ema, cfg, sharded) if resume and state_path.exists() else 0
     rt.log(f"{stage}: {s.steps} steps, batch {s.batch_size}, {sum(p.numel() for p in params):,} trainable parameters"
            + (f"; resuming at step {step} from {state_path}" if step else ""))
     binned, t0, first, last_good = TauBinnedLoss(), time.perf_counter(), step, step
@@ -206,6 +208,9 @@ def train_stage(stage, module, step_loss, s, cfg, rt, resume, sharded=False):
                              f"checkpoint is {where}; lower --{stage}.lr or check the data")
         torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         opt.step()
+        if ema:   # ema <- ema + (1 - d) (theta - ema), d = min(s.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(s.ema, (1 + step) / (10 + step)))
         step += 1
         binned.add(per_sample, tau)
         if step % cfg.log_every == 0 or step == s.steps:
@@ -215,18 +220,21 @@ def train_stage(stage, module, step_loss, s, cfg, rt, resume, sharded=False):
                    f"lr {lr_at(step - 1, s):.2e} | {rate * s.batch_size:.0f} samples/s | "
                    f"{elapsed:.0f}s, eta {(s.steps - step) / rate:.0f}s")
         if step % cfg.ckpt_every == 0 or step == s.steps:
-            tensors = checkpoints.state_tensors(module, opt)
+            tensors = checkpoints.state_tensors(module, opt, ema)
             if sharded:   # every process gathers; one writes
                 tensors = parallel.whole(tensors)
             if rt.rank == 0:
                 checkpoints.save_state(state_path, tensors, step, asdict(cfg))
             last_good = step
+    if ema:
+        with torch.no_grad():
+            torch._foreach_copy_(params, ema)
     return step
 
 
-def _resume_state(path, module, opt, cfg, sharded):
+def _resume_state(path, module, opt, ema, cfg, sharded):
     try:
-        return checkpoints.load_state(path, module, opt, asdict(cfg), parallel.shard_like if sharded else None)
+        return checkpoints.load_state(path, module, opt, asdict(cfg), parallel.shard_like if sharded else None, ema)
     except ValueError as e:
         raise SystemExit(f"{e}; delete it to restart that stage") from None
 

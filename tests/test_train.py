@@ -166,7 +166,8 @@ def final_weights(out):
             **{f"action.{k}": v for k, v in load_file(out / "action.safetensors").items()}}
 
 
-@pytest.mark.parametrize("cache", [[], ["--action.tau_v", "1.0", "--action.cache", "2"]], ids=["", "cached"])
+@pytest.mark.parametrize("cache", [[], ["--action.tau_v", "1.0", "--action.cache", "2"], ["--action.ema", "0.5"]],
+                         ids=["", "cached", "ema"])
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, world_data, monkeypatch, cache):
     args = ["--eval.episodes", "1", "--action.steps", "6", "--ckpt_every", "2", *cache]
     train.main(smoke(tmp_path / "whole", world_data, *args))
@@ -192,6 +193,49 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, world_data, m
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
     assert json.loads((tmp_path / "whole/results.json").read_text())["mean"] == \
         json.loads((tmp_path / "killed/results.json").read_text())["mean"]
+
+
+def test_a_run_resumed_from_its_video_checkpoint_alone_trains_the_same_decoder(finished_run, tmp_path, world_data):
+    """Stage 2 of a folder holding only a finished stage 1 (how a decoder is retrained on a video model) is the
+    uninterrupted run's: loading the video checkpoint leaves the decoder's initialisation as it was."""
+    (tmp_path / "run").mkdir()
+    shutil.copy(finished_run[0] / "video.safetensors", tmp_path / "run")
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main(smoke(tmp_path / "run", world_data, "--resume"))
+    whole, resumed = final_weights(finished_run[0]), final_weights(tmp_path / "run")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_stage_saves_the_moving_average_of_its_weights(tmp_path):
+    """With --section.ema d the saved weights are ema_T, ema_0 = theta_0, ema_t+1 = d_t ema_t + (1 - d_t) theta_t+1,
+    d_t = min(d, (1 + t) / (10 + t)), over the trajectory theta_t of the same run without it."""
+    def run(ema):
+        torch.manual_seed(0)
+        module, trajectory = torch.nn.Linear(3, 2), []
+
+        def step_loss(g):
+            trajectory.append([p.detach().clone() for p in module.parameters()])
+            per_sample = module(torch.randn(4, 3, generator=g)).pow(2).mean(1)
+            return per_sample.mean(), per_sample.detach(), torch.rand(4, generator=g)
+
+        s = config.Optim(steps=5, batch_size=4, lr=0.1, warmup=0, schedule="constant", ema=ema)
+        cfg = replace(config.PRESETS["smoke"], out=str(tmp_path / str(ema)), log_every=100, ckpt_every=100)
+        Path(cfg.out).mkdir()
+        rt = parallel.Runtime()
+        train.train_stage("action", module, step_loss, s, cfg, rt, resume=False)
+        return trajectory + [[p.detach().clone() for p in module.parameters()]], list(module.parameters())
+
+    trajectory, _ = run(0.0)
+    _, saved = run(0.2)
+    average = trajectory[0]
+    for t, theta in enumerate(trajectory[1:]):
+        d = min(0.2, (1 + t) / (10 + t))
+        average = [d * a + (1 - d) * p for a, p in zip(average, theta)]
+    for a, p in zip(average, saved):
+        torch.testing.assert_close(p.detach(), a, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(saved[0], trajectory[-1][0])   # the average, not the last weights
 
 
 @pytest.mark.parametrize("name", ["video.safetensors", "video.state.safetensors", "action.state.safetensors"])
