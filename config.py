@@ -117,21 +117,25 @@ class Config:
     eval: EvalStage = field(default_factory=EvalStage)
 
 
-def world_preset(video_steps, action_steps, video_lr, cache):
+def world_preset(video_steps, action_steps, video_lr, cache, history=2, action_lr=1e-3, ema=0.0, replan=4):
     """The built-in world (32x32 frames: 4x4 tokens per frame with the stand-in's factor 4 and patch 2): a
-    256-wide, 4-block video DiT predicting frames t+8 and t+16; the decoder reads block 2 at tau_v = 1, the only
-    tau_v the policy uses, and with cache > 0 from states computed once per window and noise draw."""
-    return Config(horizon=8, future_stride=8, future_frames=2,
+    256-wide, 4-block video DiT predicting frames t+8 and t+16 from H_o history frames; the decoder reads block 2 at
+    tau_v = 1, the only tau_v the policy uses, and with cache > 0 from states computed once per window and noise
+    draw."""
+    return Config(history=history, horizon=8, future_stride=8, future_frames=2,
                   video=VideoStage(heads=8, layers=4, steps=video_steps, batch_size=32, lr=video_lr, warmup=50,
                                    schedule="cosine", weight_decay=0.0, grad_clip=1.0),
-                  action=ActionStage(k=2, tau_v="1.0", cache=cache, steps=action_steps, batch_size=64, lr=1e-3,
-                                     warmup=100, schedule="linear", weight_decay=0.1, grad_clip=10.0),
-                  eval=EvalStage(episodes=50))
+                  action=ActionStage(k=2, tau_v="1.0", cache=cache, steps=action_steps, batch_size=64, lr=action_lr,
+                                     warmup=100, schedule="linear", weight_decay=0.1, grad_clip=10.0, ema=ema),
+                  eval=EvalStage(episodes=50, replan=replan))
 
 
 PRESETS = {
     # python train.py: the built-in world on a 2-core CPU (README: measured results)
-    "world": world_preset(video_steps=1000, action_steps=3000, video_lr=5e-4, cache=2),
+    "world": world_preset(video_steps=800, action_steps=2500, video_lr=5e-4, cache=2, history=4, action_lr=2e-3,
+                          ema=0.999, replan=2),
+    # the default of 2026-12-02 to 2026-12-06 (README: measured results)
+    "world-h2": world_preset(video_steps=1000, action_steps=3000, video_lr=5e-4, cache=2),
     # the former default trained longer, as measured on 2026-11-30 (the video lr 1e-3, stage 2 uncached)
     "world-long": world_preset(video_steps=2000, action_steps=3000, video_lr=1e-3, cache=0),
     # seconds: checks that everything runs (tests)
