@@ -32,8 +32,8 @@ trained again.
   layer   The paper: a middle layer k is best, the first and last clearly worse. Here: a video model of --layers
           blocks (stage 1 anew, the base's settings otherwise), and a decoder on each of its blocks with the same
           budget (the base's stage-2 steps); success and the policy's action error on fresh expert episodes per k.
-  history The paper: 5 history frames beat 1. Here: both stages anew with H_o = 1 and 4 history frames against
-          the base's 2; success of each.
+  history The paper: 5 history frames beat 1. Here: H_o = 1, 2 and 4 history frames (--histories), both stages
+          anew for each H_o but the base's own; success of each.
 
 Not here: training (train.py), the policy and its inference (sample.py), the evaluation harness (evaluation.py).
 """
@@ -42,12 +42,14 @@ import json
 import os
 import shutil
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import config
 import data
 import evaluation
 import expert
@@ -99,14 +101,20 @@ class OraclePolicy(VAMPolicy):
 
 
 def base_config(base):
-    """The finished train.py run's configuration (its results.json)."""
+    """The finished train.py run's configuration (its results.json). A setting added to train.py after the run
+    takes its plain default (config.Config's, e.g. --action.ema 0: none), not today's preset's."""
     path = Path(base) / "results.json"
     if not path.is_file() or not (Path(base) / "video.safetensors").is_file():
         raise SystemExit(f"--base {base}: not a finished train.py run (needs its results.json and video.safetensors)")
     cfg = json.loads(path.read_text())["config"]
     if cfg["data"]:
         raise SystemExit(f"--base {base} was trained on --data {cfg['data']}: the experiments need the built-in world")
-    return cfg
+    return with_defaults(cfg, asdict(config.Config()))
+
+
+def with_defaults(cfg, defaults):
+    """cfg (a nested dict) with the keys it lacks taken from defaults."""
+    return {k: with_defaults(cfg.get(k, {}), v) if isinstance(v, dict) else cfg.get(k, v) for k, v in defaults.items()}
 
 
 def as_flags(cfg, prefix=""):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import config
 import evaluation
 import experiments
 import train
@@ -39,6 +40,21 @@ def test_the_oracle_experiment_runs_end_to_end_and_resumes(base, tmp_path, capsy
     assert (point / "action.safetensors").stat().st_mtime == mtime
     with pytest.raises(SystemExit, match="not a finished train.py run"):
         experiments.main(["oracle", "--base", str(tmp_path / "nothing"), "--out", str(tmp_path)])
+
+
+def test_a_base_from_before_a_setting_existed_gives_its_points_the_plain_default(base, tmp_path):
+    """A base whose results.json predates --action.ema (written before the default used one): its points run with
+    the plain default, no moving average, not with today's world preset's."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "video.safetensors").write_bytes((base / "video.safetensors").read_bytes())
+    results = json.loads((base / "results.json").read_text())
+    for stage in ("video", "action"):
+        del results["config"][stage]["ema"]
+    (old / "results.json").write_text(json.dumps(results))
+    assert experiments.base_config(old)["action"]["ema"] == 0.0 and config.PRESETS["world"].action.ema > 0
+    assert {k: v for k, v in experiments.base_config(old).items() if k not in ("video", "action")} == \
+        {k: v for k, v in results["config"].items() if k not in ("video", "action")}
 
 
 def test_the_oracles_future_frames_are_what_the_experts_actions_produce(base):
