@@ -256,6 +256,8 @@ def check(cfg):
     if cfg.action.repeats < 1 or cfg.action.batch_size % cfg.action.repeats:
         problems.append(f"--action.repeats must be >= 1 and divide --action.batch_size {cfg.action.batch_size}, "
                         f"got {cfg.action.repeats}")
+    problems += [f"--{stage}.ema must lie in [0, 1) (a decay; 0: none), got {getattr(cfg, stage).ema}"
+                 for stage in ("video", "action") if not 0 <= getattr(cfg, stage).ema < 1]
     if not 0 <= cfg.action.proprio_dropout <= 1:
         problems.append(f"--action.proprio_dropout must lie in [0, 1], got {cfg.action.proprio_dropout}")
     if not 0 <= cfg.holdout < 1:

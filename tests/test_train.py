@@ -296,6 +296,8 @@ def test_what_can_only_fail_later_is_refused_before_stage_1(tmp_path, world_data
         train.main(smoke(tmp_path / "r", world_data, "--action.repeats", "3"))
     with pytest.raises(SystemExit, match=r"--action.cache 2 needs a fixed --action.tau_v"):
         train.main(smoke(tmp_path / "c", world_data, "--action.cache", "2"))
+    with pytest.raises(SystemExit, match=r"--action.ema must lie in \[0, 1\) \(a decay; 0: none\), got 1.0"):
+        train.main(smoke(tmp_path / "e", world_data, "--action.ema", "1"))
     # frames that the video tokens do not tile
     episodes = [episode(3, seed, shape=(30, 30, 3)) for seed in range(4)]
     write(tmp_path / "odd", episodes, proprio_range=[[-4, 4]] * 3, action_range=[[0, 200]] * 2)
