@@ -141,6 +141,14 @@ class Modulation(nn.Module):
         return (out + Az[..., :out.shape[-1]]).chunk(self.chunks, dim=-1)
 
 
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm with its weight cast to the input's dtype, so that under bf16 autocast it stays in bf16 (and
+    on torch's fused kernel) rather than mixing a bf16 input with an fp32 weight."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head attention with QK-RMSNorm and no positional encoding; cross-attention when context_dim is given."""
 
@@ -151,8 +159,8 @@ class Attention(nn.Module):
         self.k = nn.Linear(context_dim or width, width, bias=False)
         self.v = nn.Linear(context_dim or width, width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
-        self.q_norm = nn.RMSNorm(width // heads, eps=1e-6)
-        self.k_norm = nn.RMSNorm(width // heads, eps=1e-6)
+        self.q_norm = RMSNorm(width // heads, eps=1e-6)
+        self.k_norm = RMSNorm(width // heads, eps=1e-6)
 
     def split_heads(self, x):
         B, L, _ = x.shape
@@ -205,7 +213,7 @@ class ActionDecoder(nn.Module):
         self.video_norm = nn.LayerNorm(cfg.video_dim, eps=1e-6)
         self.video_pos = nn.Parameter(torch.empty(cfg.context_tokens, cfg.video_dim)) if cfg.context_tokens else None
         self.time = TimeEncoding(D, cfg.rank)
-        self.z_norm = nn.RMSNorm(cfg.rank, eps=1e-6)
+        self.z_norm = RMSNorm(cfg.rank, eps=1e-6)
         self.A = nn.Linear(cfg.rank, 3 * D, bias=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final_mod = Modulation(cfg.rank, cfg.adaln_lora, D, 2)

@@ -23,7 +23,7 @@ CHUNK = 64   # windows per forward pass; the noise of a chunk depends on (seed, 
 
 
 class FeatureCache:
-    """states: (draws, windows, tokens, width) float32 on the CPU, the video model's tokens after block k for every
+    """states: (draws, windows, tokens, width) on the CPU (float32, or bf16 under bf16 autocast), the video model's tokens after block k for every
     training window (window i: windows.batch([i])) with the noise of draw d."""
 
     def __init__(self, video, windows, tokenizer, n_cond, k, tau_v, draws, seed, rt):
@@ -33,7 +33,8 @@ class FeatureCache:
         for n, (d, i) in enumerate(chunks):   # under torchrun each process computes every world_size-th chunk
             if n % rt.world_size != rt.rank:
                 continue
-            states = self.compute(d, i, rt.device).cpu()
+            with rt.autocast():   # as the uncached step computes them
+                states = self.compute(d, i, rt.device).cpu()
             if n == rt.rank:
                 self.states = torch.zeros(draws, len(windows), *states.shape[1:], dtype=states.dtype)
             self.states[d, i:i + len(states)] = states

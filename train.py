@@ -343,14 +343,14 @@ def video_config(cfg, run):
 
 def build_video(cfg, run, device):
     """The video model: the preset from scratch, or a pretrained Cosmos checkpoint with LoRA adapters (its frozen
-    weights in bf16 with --precision bf16, the adapters fp32)."""
+    weights in bf16 where --precision resolves to bf16, the adapters fp32)."""
     if not cfg.video.pretrained:
         video = video_model.VideoDiT(video_config(cfg, run))
         video.checkpoint_blocks = cfg.video.checkpointing
         return video.to(device)
     try:
-        video = cosmos_weights.from_pretrained(cfg.video.pretrained,
-                                               dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+        bf16 = parallel.uses_bf16(cfg.precision, torch.device(device))
+        video = cosmos_weights.from_pretrained(cfg.video.pretrained, dtype=torch.bfloat16 if bf16 else torch.float32)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--video.pretrained: {e}") from None
     found = (run.latent_shape[0], run.text_dim)
@@ -513,7 +513,8 @@ def main(argv=None):
     run = load_data(cfg, rt)
     m = run.dataset.manifest
     rt.log(f"data: {len(run.dataset)} episodes, {len(run.windows)} training windows; frames {m['frame_shape']}, "
-           f"proprio {m['proprio_dim']}, actions {m['action_dim']}; world size {rt.world_size}, {rt.device}")
+           f"proprio {m['proprio_dim']}, actions {m['action_dim']}; world size {rt.world_size}, {rt.device}, "
+           f"{'bf16 autocast' if rt.bf16 else 'fp32'} (--precision {cfg.precision})")
     video = build_video(cfg, run, rt.device)
     check_against(cfg, run, video.cfg)
     t = time.perf_counter()
@@ -533,7 +534,8 @@ def main(argv=None):
         policy = VAMPolicy(video, decoder, run_meta(cfg, run), seed=cfg.seed)
         results, summary = evaluate(cfg, policy, run)
         times.update(eval=time.perf_counter() - t, total=time.perf_counter() - start)
-        results.update({"video_prediction": prediction, "seconds": times, "config": asdict(cfg), "world_size": rt.world_size, "device": str(rt.device)})
+        results.update({"video_prediction": prediction, "seconds": times, "config": asdict(cfg),
+                        "world_size": rt.world_size, "device": str(rt.device), "bf16_autocast": rt.bf16})
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(summary)
         print(f"time: stage 1 {times['video']:.0f}s, stage 2 {times['action']:.0f}s, evaluation {times['eval']:.0f}s, "

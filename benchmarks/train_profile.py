@@ -84,8 +84,9 @@ def main():
     opt = torch.optim.AdamW(video.parameters(), lr=1e-4)
 
     def video_step():
-        loss = train.video_loss(video, train.draw_video_batch(g, run.windows, run.tokenizer, cfg.video.batch_size),
-                                run.n_cond)[0]
+        with rt.autocast():
+            loss = train.video_loss(video, train.draw_video_batch(g, run.windows, run.tokenizer, cfg.video.batch_size),
+                                    run.n_cond)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -102,9 +103,10 @@ def main():
     batch = train.draw_action_batch(g, run.windows, run.tokenizer, norms, cfg.action)
 
     def action_step():
-        loss = train.action_loss(video, decoder, train.draw_action_batch(g, run.windows, run.tokenizer, norms,
-                                                                         cfg.action), run.n_cond, cfg.action.k,
-                                 cfg.action.repeats)[0]
+        with rt.autocast():
+            loss = train.action_loss(video, decoder, train.draw_action_batch(g, run.windows, run.tokenizer, norms,
+                                                                             cfg.action), run.n_cond, cfg.action.k,
+                                     cfg.action.repeats)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -112,7 +114,7 @@ def main():
     n = cfg.action.batch_size // cfg.action.repeats   # video examples per step (--action.repeats)
 
     def video_part():
-        with torch.no_grad():
+        with torch.no_grad(), rt.autocast():
             x_tau = flow.interpolate(batch.x0[:n], batch.eps_v[:n], batch.tau_v[:n])
             return video.video2world_hidden_states(x_tau, batch.tau_v[:n], batch.text[:n], batch.x0[:n], run.n_cond,
                                                    cfg.action.k)
@@ -120,8 +122,9 @@ def main():
     states = video_part().repeat(cfg.action.repeats, 1, 1)
 
     def decoder_part():
-        loss = decoder.loss(states, batch.tau_v, batch.proprio, batch.actions, batch.tau_a, batch.eps_a,
-                            batch.drop_proprio).mean()
+        with rt.autocast():
+            loss = decoder.loss(states, batch.tau_v, batch.proprio, batch.actions, batch.tau_a, batch.eps_a,
+                                batch.drop_proprio).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -17,6 +17,7 @@ import contextlib
 import os
 import sys
 
+import torch
 import torch.nn.functional as F
 
 _forced = None  # "triton" or "torch" inside a force() block; None: decided by the device
@@ -70,6 +71,11 @@ def attention(q, k, v):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if _use_triton(q):
         return _kernels(q.device)[0].attention(q, k, v)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # on the CPU, torch's bf16 attention (forward + backward) is slower than its fp32 one (benchmarks/
+        # train_profile.py --precision bf16): under bf16 autocast only the matmuls around it gain
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v)
 
 

@@ -341,6 +341,19 @@ def test_cpu_tensors_take_torch_without_importing_triton():
     assert result.returncode == 0, result.stderr
 
 
+def test_cpu_bf16_attention_computes_in_fp32_even_under_autocast():
+    # torch's bf16 attention on the CPU is slower than its fp32 one: kernels.attention upcasts, and autocast (which
+    # would cast scaled_dot_product_attention's inputs back to bf16) is kept out of it
+    q, k, v = attention_inputs(2, 3, 33, 7, 32, torch.bfloat16, seed=3)
+    q, k, v = (t.cpu().requires_grad_() for t in (q, k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(torch.bfloat16)
+    with kernels.force("torch"), torch.autocast("cpu", torch.bfloat16):
+        got = kernels.attention(q, k, v)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    got.float().sum().backward()
+    assert all(t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
 def test_force_nests_and_restores():
     x = torch.randn(1, 1, 2, 16)
     with kernels.force("triton"):

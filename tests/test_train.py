@@ -287,6 +287,33 @@ def test_missing_dataset_is_named(tmp_path):
         train.main(["--preset", "smoke", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
 
 
+def test_bf16_autocast_on_the_cpu_trains_both_stages_with_fp32_weights(tmp_path, world_data):
+    """--precision bf16 on the CPU: the forward passes and the feature cache under bf16 autocast; what is trained
+    and saved stays fp32."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        train.main(smoke(tmp_path / "run", world_data, "--precision", "bf16", "--action.tau_v", "1.0",
+                         "--action.cache", "1"))
+    assert "cpu, bf16 autocast (--precision bf16)" in stdout.getvalue()
+    logged = [line for line in stdout.getvalue().splitlines() if line.startswith(("video ", "action "))]
+    assert len(logged) == 4 and all(np.isfinite(float(line.split("loss ")[1].split()[0])) for line in logged)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["bf16_autocast"] is True
+    for name in ("video", "action"):
+        for f in (f"{name}.safetensors", f"{name}.state.safetensors"):
+            tensors, _ = checkpoints.read(tmp_path / "run" / f)
+            assert {t.dtype for t in tensors.values()} == {torch.float32}, f
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_multiplies_bf16(tmp_path):
+    cpu = torch.device("cpu")
+    assert parallel.uses_bf16("bf16", cpu) and not parallel.uses_bf16("fp32", cpu)
+    for flags, native in (("fpu avx2 avx512f avx512bw", False), ("avx512f avx512_bf16", True),
+                          ("avx2 amx_tile amx_bf16", True)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert parallel.uses_bf16("auto", cpu, tmp_path / "cpuinfo") is native, flags
+    assert parallel.uses_bf16("auto", cpu, tmp_path / "no-such-file") is False
+
+
 def test_what_can_only_fail_later_is_refused_before_stage_1(tmp_path, world_data):
     # a block the video model does not have (refused by config.check, or after loading a pretrained model)
     with pytest.raises(SystemExit, match=r"--action.k must name one of the video model's blocks, 0 \.\. 1"):
@@ -417,6 +444,20 @@ def test_cached_states_equal_the_states_recomputed_window_by_window(smoke_data):
         want = decoder.loss(cache.states[batch.draw, batch.window], batch.tau_v, batch.proprio, batch.actions,
                             batch.tau_a, batch.eps_a, batch.drop_proprio)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_cache_built_under_bf16_autocast_holds_bf16_states_close_to_fp32(smoke_data):
+    """Built as the uncached step computes its states (train_stage runs step_loss under the same autocast)."""
+    cfg, run = smoke_data
+    video, _ = tiny_models(run, cfg)
+    with torch.no_grad():   # off adaLN-Zero, so that the states depend on the noise and the weights
+        for p in video.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    built = {bf16: FeatureCache(video, run.windows, run.tokenizer, run.n_cond, cfg.action.k, 1.0, 1, cfg.seed,
+                                parallel.Runtime(bf16=bf16)).states for bf16 in (False, True)}
+    assert built[False].dtype == torch.float32 and built[True].dtype == torch.bfloat16
+    err = (built[True].float() - built[False]).abs().max() / built[False].abs().max()
+    assert 0 < err < 0.05, err
 
 
 @pytest.mark.parametrize("alpha, beta", [(1.5, 1.0), (1.0, 1.0)])
