@@ -2,10 +2,12 @@
 per sample (torch's FlopCounterMode: matmuls and attention), the GFLOP/s that makes against an fp32 2048^2 matmul
 measured in the same run, and the share of the CPU time in matmul and attention kernels (torch.profiler, self CPU
 time) against everything else (drawing the batch, elementwise ops, norms, the optimiser, Python). Stage 2 is split
-into the frozen video model's blocks 0..k (no gradient) and the decoder's forward, backward and AdamW.
+into the frozen video model's blocks 0..k (no gradient) and the decoder's forward, backward and AdamW. Every
+forward runs under the autocast train.py would use (--precision: fp32, or bf16 where it resolves to bf16).
 
     python benchmarks/train_profile.py                        # the default run (world preset)
     python benchmarks/train_profile.py --action.repeats 4     # any train.py flag
+    python benchmarks/train_profile.py --precision fp32       # against the default's bf16, where it is bf16
 
 Run it alone: on 2 cores a second busy process takes about three quarters of the matmul rate.
 """
