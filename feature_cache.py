@@ -23,8 +23,8 @@ CHUNK = 64   # windows per forward pass; the noise of a chunk depends on (seed, 
 
 
 class FeatureCache:
-    """states: (draws, windows, tokens, width) on the CPU (float32, or bf16 under bf16 autocast), the video model's tokens after block k for every
-    training window (window i: windows.batch([i])) with the noise of draw d."""
+    """states: (draws, windows, tokens, width) on the CPU (float32, or bf16 under bf16 autocast), the video model's
+    tokens after block k for every training window (window i: windows.batch([i])) with the noise of draw d."""
 
     def __init__(self, video, windows, tokenizer, n_cond, k, tau_v, draws, seed, rt):
         self.video, self.windows, self.tokenizer = video, windows, tokenizer

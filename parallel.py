@@ -4,8 +4,8 @@ slice of each global batch, gradients averaged) and FSDP2 sharding of the video 
 Not here: the training loop that uses them (train.py).
 """
 import os
-from pathlib import Path
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.distributed as dist

@@ -119,7 +119,8 @@ class LoRALinear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * w over the last dim, in x's dtype; the statistics in fp32 whatever the model dtype."""
+    """x / sqrt(mean(x^2) + eps) * w over the last dim, in x's dtype (w cast to it: bf16 under autocast); the
+    statistics in fp32 whatever the model dtype."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -128,7 +129,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight).to(x.dtype)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
 
 
 def rope_tables(cfg, T, H, W, device):
