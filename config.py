@@ -66,9 +66,10 @@ class ActionStage(Optim):
                           "batch_size / repeats examples per step (an efficiency choice, not the paper's)")
     episodes: int = arg(0, "action-labelled episodes per task stage 2 trains on, the first of each task's (0: all); "
                            "stage 1 still learns from every training episode's video")
-    cache: int = arg(0, "noise draws per training window of the frozen video model's states, computed once before "
-                        "stage 2 and looked up by every step (feature_cache.py; needs a fixed --action.tau_v; 0: "
-                        "computed anew each step, the paper's way; an efficiency choice, not the paper's)")
+    cache: int = arg(0, "draws (noise, and with --action.tau_v uniform tau_v) per training window of the frozen "
+                        "video model's states, computed once before stage 2 and looked up by every step "
+                        "(feature_cache.py; 0: computed anew each step, the paper's way; an efficiency choice, not "
+                        "the paper's)")
 
 
 @dataclass
@@ -254,9 +255,6 @@ def check(cfg):
         problems.append(f"--video.static reads the observed frames noised to one tau_v < 1 (at 1 they are pure "
                         f"noise): give --action.tau_v and --eval.tau_v the same value in (0, 1), got "
                         f"{cfg.action.tau_v!r} and {cfg.eval.tau_v}")
-    if cfg.action.cache and cfg.action.tau_v == "uniform":
-        problems.append(f"--action.cache {cfg.action.cache} needs a fixed --action.tau_v (the cached states are those "
-                        f"of one tau_v), got 'uniform'; or --action.cache 0")
     if cfg.action.repeats < 1 or cfg.action.batch_size % cfg.action.repeats:
         problems.append(f"--action.repeats must be >= 1 and divide --action.batch_size {cfg.action.batch_size}, "
                         f"got {cfg.action.repeats}")

@@ -20,7 +20,7 @@ trained again.
           replan (OraclePolicy). Beside them, the base run's own result (its decoder at tau_v = 1).
   tau_v   The paper: the best policy is near tau_v = 1 (no video denoising), while the action error on noisy
           ground-truth latents is lowest near tau_v = 0.4. Here: one decoder trained on tau_v uniform in (0, 1] (the
-          paper's way; the default trains at tau_v = 1 only), (a) its closed-loop success when the video flow is
+          paper's way; the default trains at tau_v = 1 only; cached, one tau_v per window and draw), (a) its closed-loop success when the video flow is
           integrated 1 -> tau_v, for each tau_v of --tau_vs (0.02 standing for 0, 0.2, ..., 1), and (b) its action
           error on fresh expert episodes when it reads the states of their recorded future noised to tau_v.
   data    The paper: the video-conditioned decoder needs a fraction of the action data. Here: decoders trained
@@ -224,7 +224,7 @@ TAU_VS = (0.02, 0.2, 0.4, 0.6, 0.8, 1.0)   # 0.02 stands for 0: the video model 
 
 def tau_v(args):
     point = train_point(args.base, args.out, "tau_v-uniform", **budget(args),
-                        **{"action.tau_v": "uniform", "action.cache": 0})
+                        **{"action.tau_v": "uniform", "action.cache": args.cache})
     episodes, fresh = base_config(args.base)["eval"]["episodes"], fresh_episodes(args.out)
     rows, errors = {}, {}
     for t in args.tau_vs:
@@ -236,8 +236,6 @@ def tau_v(args):
 
 
 def data_efficiency(args):
-    cfg = base_config(args.base)
-    cache = args.cache if cfg["action"]["tau_v"] != "uniform" else 0
     most = max(args.labelled)
     static = train_point(args.base, args.out, "static", stage_1=True, **budget(args),
                          **{"video.static": True, "action.tau_v": args.tau_v, "eval.tau_v": args.tau_v,
@@ -245,7 +243,7 @@ def data_efficiency(args):
     rows = {}
     for n in args.labelled:
         video = train_point(args.base, args.out, f"episodes{n}", **budget(args),
-                            **{"action.episodes": n, "action.cache": cache})
+                            **{"action.episodes": n, "action.cache": args.cache})
         control = static if n == most else train_point(static, args.out, f"static-episodes{n}",
                                                        **{"action.episodes": n})
         rows[f"{n} per task: video model"] = json.loads((video / "results.json").read_text())
@@ -343,8 +341,8 @@ def main(argv=None):
                    help="history: H_o of each point, comma-separated (the base's own H_o is the base run)")
     p.add_argument("--steps", type=int, default=0, help="stage-2 (decoder) steps of every point of the experiment "
                    "(0: the base's); the points of one experiment always share one budget")
-    p.add_argument("--cache", type=int, default=2, help="noise draws of the decoder's cached video states "
-                   "(--action.cache)")
+    p.add_argument("--cache", type=int, default=2, help="draws of the decoders' cached video states "
+                   "(--action.cache; with tau_v's uniform tau_v each draw has a tau_v of its own; 0: uncached)")
     args = p.parse_args(argv)
     if args.steps < 0:
         raise SystemExit(f"--steps must be >= 0 (0: the base's), got {args.steps}")

@@ -85,7 +85,7 @@ def draw_video_batch(g, windows, tokenizer, batch_size):
 
 def draw_action_batch(g, windows, tokenizer, norms, s, cache=None):
     """A global batch for stage 2 and all its random draws: windows; tau_v (uniform on (0, 1] or fixed) and the
-    video noise, or with a FeatureCache which of its noise draws; tau_a ~ 0.001 + 0.999 Beta(alpha, beta) and the
+    video noise, or with a FeatureCache which of its draws (and that draw's tau_v); tau_a ~ 0.001 + 0.999 Beta(alpha, beta) and the
     action noise; which proprio tokens are dropped.
     With s.repeats = R > 1 it draws B / R video examples (window, tau_v, video noise) and tiles them R times, each
     copy with its own action draws (tau_a, action noise, proprio dropout): rows j and j + B / R share a video
@@ -98,8 +98,8 @@ def draw_action_batch(g, windows, tokenizer, norms, s, cache=None):
         tau_v = 1 - torch.rand(B // R, generator=g) if s.tau_v == "uniform" else torch.full((B // R,), float(s.tau_v))
         eps_v, draw = torch.randn(x0.shape, generator=g), None
     else:
-        x0, eps_v, tau_v = None, None, torch.full((B // R,), cache.tau_v)
-        draw = torch.randint(cache.draws, (B // R,), generator=g)
+        x0, eps_v, draw = None, None, torch.randint(cache.draws, (B // R,), generator=g)
+        tau_v = cache.tau_vs[draw, window]
     tau_a = flow.sample_tau_action(B, s.tau_a_alpha, s.tau_a_beta, g)
     eps_a = torch.randn((B, *b["actions"].shape[1:]), generator=g)
     drop = torch.rand(B, generator=g) < s.proprio_dropout
@@ -456,8 +456,8 @@ def action_stage(cfg, rt, run, video, resume):
              data.Normalizer(run.dataset.manifest["action_range"]))
 
     cache = None
-    if cfg.action.cache:   # config.check: only with a fixed tau_v
-        cache = FeatureCache(video, run.action_windows, run.tokenizer, run.n_cond, cfg.action.k, float(cfg.action.tau_v),
+    if cfg.action.cache:
+        cache = FeatureCache(video, run.action_windows, run.tokenizer, run.n_cond, cfg.action.k, cfg.action.tau_v,
                              cfg.action.cache, cfg.seed, rt)
 
     def step_loss(g):

@@ -96,7 +96,7 @@ def test_the_tau_v_experiment_runs_end_to_end(base, tmp_path, capsys):
     assert list(result["rows"]) == list(result["ground_truth_action_error"]) == ["tau_v = 0.02 (~0)", "tau_v = 1"]
     assert all(e > 0 for e in result["ground_truth_action_error"].values())
     point = json.loads((tmp_path / "tau_v-uniform-steps3" / "results.json").read_text())   # --steps names the point
-    assert point["config"]["action"]["tau_v"] == "uniform" and point["config"]["action"]["cache"] == 0
+    assert point["config"]["action"]["tau_v"] == "uniform" and point["config"]["action"]["cache"] == 2
     assert point["config"]["action"]["steps"] == 3 != json.loads((base / "results.json").read_text())["config"][
         "action"]["steps"]
     assert Image.open(tmp_path / "tau_v.png").size[0] == 760

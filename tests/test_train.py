@@ -321,8 +321,6 @@ def test_what_can_only_fail_later_is_refused_before_stage_1(tmp_path, world_data
     assert not (tmp_path / "k" / "video.state.safetensors").exists()
     with pytest.raises(SystemExit, match=r"--action.repeats must be >= 1 and divide --action.batch_size 8, got 3"):
         train.main(smoke(tmp_path / "r", world_data, "--action.repeats", "3"))
-    with pytest.raises(SystemExit, match=r"--action.cache 2 needs a fixed --action.tau_v"):
-        train.main(smoke(tmp_path / "c", world_data, "--action.cache", "2"))
     with pytest.raises(SystemExit, match=r"--action.ema must lie in \[0, 1\) \(a decay; 0: none\), got 1.0"):
         train.main(smoke(tmp_path / "e", world_data, "--action.ema", "1"))
     # frames that the video tokens do not tile
@@ -410,18 +408,25 @@ def test_repeated_video_examples_share_their_states_and_draw_their_own_actions(s
     assert shared.std() > 0
 
 
-def test_cached_states_equal_the_states_recomputed_window_by_window(smoke_data):
+@pytest.mark.parametrize("tau_v", ["0.6", "uniform"])
+def test_cached_states_equal_the_states_recomputed_window_by_window(smoke_data, tau_v):
     """A FeatureCache's states of window i in draw d are blocks 0..k of the video model on that window alone, its
-    future noised to tau_v with the noise of its chunk's row; stage 2's cached loss reads exactly those states."""
+    future noised to the draw's tau_v (fixed, or uniform in (0, 1] per window and draw) with the noise of its chunk's
+    row; stage 2's cached loss reads exactly those states, at their tau_v."""
     cfg, run = smoke_data
     video, decoder = tiny_models(run, cfg)
     with torch.no_grad():   # off adaLN-Zero, so that the states depend on the noise and the weights
         for p in list(video.parameters()) + list(decoder.parameters()):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    k, n, tau_v = cfg.action.k, len(run.windows), 0.6
+    k, n = cfg.action.k, len(run.windows)
     cache = FeatureCache(video, run.windows, run.tokenizer, run.n_cond, k, tau_v, 2, cfg.seed, parallel.Runtime())
     assert n > feature_cache.CHUNK and cache.states.shape == (2, n, train.video_tokens(run, video.cfg),
                                                                video.cfg.width)
+    if tau_v == "uniform":   # a tau_v of its own per window and draw, spread over (0, 1]
+        assert cache.tau_vs.shape == (2, n) and 0 < cache.tau_vs.min() < 0.1 and 0.9 < cache.tau_vs.max() <= 1
+        assert len(cache.tau_vs.unique()) == 2 * n
+    else:
+        assert torch.equal(cache.tau_vs, torch.full((2, n), 0.6))
     for d in (0, 1):
         for i in (0, 1, feature_cache.CHUNK - 1, feature_cache.CHUNK, n - 1):
             first = i - i % feature_cache.CHUNK
@@ -429,16 +434,16 @@ def test_cached_states_equal_the_states_recomputed_window_by_window(smoke_data):
             eps = torch.randn(latent_data.clean_latents(chunk, run.tokenizer).shape,
                               generator=cache.noise_generator(d, first))[i - first:i - first + 1]
             b = run.windows.batch(np.array([i]))
-            x0 = latent_data.clean_latents(b, run.tokenizer)
+            x0, t = latent_data.clean_latents(b, run.tokenizer), cache.tau_vs[d, i:i + 1]
             with torch.no_grad():
-                want = video.video2world_hidden_states(flow.interpolate(x0, eps, tau_v), torch.full((1,), tau_v),
-                                                       b["text"], x0, run.n_cond, k)[0]
+                want = video.video2world_hidden_states(flow.interpolate(x0, eps, t), t, b["text"], x0, run.n_cond,
+                                                       k)[0]
             torch.testing.assert_close(cache.states[d, i], want, rtol=1e-5, atol=1e-5, msg=f"draw {d}, window {i}")
     assert (cache.states[0] - cache.states[1]).abs().max() > 0.01   # two draws, two noises
     norms = (data.Normalizer(run.dataset.manifest["proprio_range"]), data.Normalizer(run.dataset.manifest["action_range"]))
-    s = replace(cfg.action, tau_v=str(tau_v), cache=2)
+    s = replace(cfg.action, tau_v=tau_v, cache=2)
     batch = train.draw_action_batch(torch.Generator().manual_seed(7), run.windows, run.tokenizer, norms, s, cache)
-    assert batch.x0 is None and torch.equal(batch.tau_v, torch.full((s.batch_size,), tau_v))
+    assert batch.x0 is None and torch.equal(batch.tau_v, cache.tau_vs[batch.draw, batch.window])
     with torch.no_grad():
         got = train.action_loss(video, decoder, batch, run.n_cond, k, cache=cache)[1]
         want = decoder.loss(cache.states[batch.draw, batch.window], batch.tau_v, batch.proprio, batch.actions,
