@@ -137,7 +137,7 @@ def world_preset(video_steps, action_steps, video_lr, cache, history=2, action_l
 PRESETS = {
     # python train.py: the built-in world on a 2-core CPU (README: measured results)
     # (bf16 autocast where the CPU multiplies bf16 natively: about twice the steps per second, spent on stage 1)
-    "world": world_preset(video_steps=2000, action_steps=3000, video_lr=5e-4, cache=2, action_lr=2e-3, ema=0.999,
+    "world": world_preset(video_steps=3000, action_steps=3000, video_lr=5e-4, cache=2, action_lr=2e-3, ema=0.999,
                           replan=2, precision="auto"),
     # H_o = 4 in about the same time: fewer steps of both stages (measured 2026-12-06: no better on three seeds)
     "world-h4": world_preset(video_steps=800, action_steps=2500, video_lr=5e-4, cache=2, history=4, action_lr=2e-3,
