@@ -20,9 +20,10 @@ trained again.
           replan (OraclePolicy). Beside them, the base run's own result (its decoder at tau_v = 1).
   tau_v   The paper: the best policy is near tau_v = 1 (no video denoising), while the action error on noisy
           ground-truth latents is lowest near tau_v = 0.4. Here: one decoder trained on tau_v uniform in (0, 1] (the
-          paper's way; the default trains at tau_v = 1 only; cached, one tau_v per window and draw), (a) its closed-loop success when the video flow is
-          integrated 1 -> tau_v, for each tau_v of --tau_vs (0.02 standing for 0, 0.2, ..., 1), and (b) its action
-          error on fresh expert episodes when it reads the states of their recorded future noised to tau_v.
+          paper's way; the default trains at tau_v = 1 only; cached, one tau_v per window and draw), (a) its
+          closed-loop success when the video flow is integrated 1 -> tau_v, for each tau_v of --tau_vs (0.02
+          standing for 0, 0.2, ..., 1), and (b) its action error on fresh expert episodes when it reads the states
+          of their recorded future noised to tau_v.
   data    The paper: the video-conditioned decoder needs a fraction of the action data. Here: decoders trained
           for the base's stage-2 steps on the first 1, 2, 5, 10, 25, 100 episodes of each task (--action.episodes;
           the video model saw every episode's video), their closed-loop success; against the same decoders, same
