@@ -31,8 +31,9 @@ trained again.
           (history) frames from the instruction alone, no future (train.py --video.static), its states read on the
           observed frames noised to --tau_v (the stand-in for the paper's VLM-conditioned baseline).
   layer   The paper: a middle layer k is best, the first and last clearly worse. Here: a video model of --layers
-          blocks (stage 1 anew, the base's settings otherwise), and a decoder on each of its blocks with the same
-          budget (the base's stage-2 steps); success and the policy's action error on fresh expert episodes per k.
+          blocks (the base's own where it has that many, else stage 1 anew with the base's settings otherwise), and
+          a decoder on each of its blocks with the same budget (the base's stage-2 steps; the base's own decoder
+          for its k); success and the policy's action error on fresh expert episodes per k.
   history The paper: 5 history frames beat 1. Here: H_o = 1, 2 and 4 history frames (--histories), both stages
           anew for each H_o but the base's own; success of each.
 
@@ -180,14 +181,14 @@ def fresh_episodes(out, per_task=25, seed=1000):
     return data.Dataset(root)
 
 
-def policy_error(point, episodes, max_windows=256):
+def policy_error(point, episodes, path, max_windows=256):
     """The point's policy's action error (normalised units) on fresh expert episodes, as it acts (its own video
-    prediction); kept in the point's folder."""
+    prediction); kept at path."""
     def measure():
         policy, _ = VAMPolicy.load(point, seed=0)
         return {"action_mse": evaluation.held_out_error(policy, episodes, policy.spec, np.arange(len(episodes)),
                                                         max_windows), "windows": max_windows}
-    return kept(Path(point) / "policy_error.json", measure)["action_mse"]
+    return kept(path, measure)["action_mse"]
 
 
 def ground_truth_error(point, tau_v, episodes, max_windows=256):
@@ -254,14 +255,20 @@ def data_efficiency(args):
 
 
 def layer(args):
-    deep = train_point(args.base, args.out, f"layers{args.layers}", stage_1=True, **budget(args),
-                       **{"video.layers": args.layers, "action.k": args.layers // 2})
+    cfg = base_config(args.base)
+    if args.layers == cfg["video"]["layers"]:   # the base's own video model: no stage 1 anew
+        deep, mid, steps = Path(args.base), cfg["action"]["k"], budget(args)
+    else:
+        mid, steps = args.layers // 2, {}   # the budget is the deeper model's own configuration
+        deep = train_point(args.base, args.out, f"layers{args.layers}", stage_1=True, **budget(args),
+                           **{"video.layers": args.layers, "action.k": mid})
     rows, errors, fresh = {}, {}, fresh_episodes(args.out)
     for k in range(args.layers):
-        point = deep if k == args.layers // 2 else train_point(deep, args.out, f"layers{args.layers}-k{k}",
-                                                                **{"action.k": k})
+        name = f"layers{args.layers}-k{k}"
+        point = deep if k == mid and not steps else train_point(deep, args.out, name, **steps, **{"action.k": k})
         rows[f"k = {k} of {args.layers} blocks"] = json.loads((point / "results.json").read_text())
-        errors[f"k = {k} of {args.layers} blocks"] = policy_error(point, fresh, args.windows)
+        errors[f"k = {k} of {args.layers} blocks"] = policy_error(point, fresh, Path(args.out) / f"{name}-error.json",
+                                                                  args.windows)
     return rows, f"the paper: a middle layer is best (k = 19 of 28); here {args.layers} blocks", errors
 
 
@@ -337,7 +344,8 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=256, help="tau_v: windows of fresh expert episodes per action error")
     p.add_argument("--labelled", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 5, 10, 25, 100],
                    help="data: action-labelled episodes per task of each point, comma-separated")
-    p.add_argument("--layers", type=int, default=8, help="layer: blocks of the deeper video model trained for it")
+    p.add_argument("--layers", type=int, default=8, help="layer: blocks of the video model (the base's: its own model; "
+                   "else one trained for it)")
     p.add_argument("--histories", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 4],
                    help="history: H_o of each point, comma-separated (the base's own H_o is the base run)")
     p.add_argument("--steps", type=int, default=0, help="stage-2 (decoder) steps of every point of the experiment "

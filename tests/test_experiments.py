@@ -118,10 +118,20 @@ def test_the_data_efficiency_experiment_runs_end_to_end(base, tmp_path):
 
 
 def test_the_layer_and_history_experiments_run_end_to_end(base, tmp_path):
+    # the base's depth (2 blocks): its own video model, its own decoder for its k = 1, a new one for k = 0
     experiments.main(["layer", "--base", str(base), "--out", str(tmp_path), "--layers", "2", "--windows", "16"])
     result = json.loads((tmp_path / "layer.json").read_text())
     assert list(result["rows"]) == ["k = 0 of 2 blocks", "k = 1 of 2 blocks"]
+    assert result["rows"]["k = 1 of 2 blocks"] == json.loads((base / "results.json").read_text())
     assert json.loads((tmp_path / "layers2-k0" / "results.json").read_text())["config"]["action"]["k"] == 0
+    assert ((tmp_path / "layers2-k0" / "video.safetensors").read_bytes()
+            == (base / "video.safetensors").read_bytes()) and not (tmp_path / "layers2").exists()
+    assert set(result["ground_truth_action_error"]) == set(result["rows"])
+    # another depth: a video model of 3 blocks trained for it, a decoder on each block
+    experiments.main(["layer", "--base", str(base), "--out", str(tmp_path), "--layers", "3", "--windows", "16"])
+    rows = json.loads((tmp_path / "layer.json").read_text())["rows"]
+    assert [r["config"]["action"]["k"] for r in rows.values()] == [0, 1, 2]
+    assert all(r["config"]["video"]["layers"] == 3 for r in rows.values())
     experiments.main(["history", "--base", str(base), "--out", str(tmp_path), "--histories", "1,2"])
     rows = json.loads((tmp_path / "history.json").read_text())["rows"]
     assert list(rows) == ["H_o = 1 history frames", "H_o = 2 history frames"]
