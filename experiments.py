@@ -234,7 +234,7 @@ def tau_v(args):
         rows[label] = evaluated(point, f"tau_v{t:g}", lambda: VAMPolicy.load(point, tau_v=t), episodes)
         errors[label] = ground_truth_error(point, t, fresh, args.windows)
     return rows, ("the paper: the best policy is near tau_v = 1; the action error on noisy ground-truth latents is "
-                  "lowest near 0.4"), errors
+                  "lowest near 0.4"), ("action error on the ground-truth future", errors)
 
 
 def data_efficiency(args):
@@ -269,7 +269,8 @@ def layer(args):
         rows[f"k = {k} of {args.layers} blocks"] = json.loads((point / "results.json").read_text())
         errors[f"k = {k} of {args.layers} blocks"] = policy_error(point, fresh, Path(args.out) / f"{name}-error.json",
                                                                   args.windows)
-    return rows, f"the paper: a middle layer is best (k = 19 of 28); here {args.layers} blocks", errors
+    return (rows, f"the paper: a middle layer is best (k = 19 of 28); here {args.layers} blocks",
+            ("action error on its own prediction", errors))
 
 
 def history(args):
@@ -288,19 +289,22 @@ EXPERIMENTS = {"oracle": oracle, "tau_v": tau_v, "data": data_efficiency, "layer
 
 def report(out, name, rows, claim, errors=None):
     """Print the table, write {out}/{name}.json and {out}/{name}.png. rows: label -> closed-loop result;
-    errors: label -> action error on the ground-truth future (fresh episodes), where measured."""
+    errors, where measured: (what, label -> action error against the expert on fresh episodes), what saying which
+    states the decoder read (the ground-truth future's, or the video model's own prediction's)."""
+    what, errors = errors or (None, None)
     out = Path(out)
     print(f"\n{name}: {claim}")
     for label, r in rows.items():
-        error = f"  action error on the true future {errors[label]:.4f}" if errors else ""
+        error = f"  {what} {errors[label]:.4f}" if errors else ""
         print(f"  {r['mean']:6.1%} [{r['interval'][0]:.1%}, {r['interval'][1]:.1%}] over {r['episodes']:3d} episodes"
               f"{error}  {label}")
-    (out / f"{name}.json").write_text(json.dumps({"claim": claim, "rows": rows, "ground_truth_action_error": errors},
-                                                 indent=1))
+    tmp = out / f"{name}.json.tmp"
+    tmp.write_text(json.dumps({"claim": claim, "rows": rows, "action_error": errors, "action_error_of": what},
+                              indent=1))
+    os.replace(tmp, out / f"{name}.json")
     panels = [("closed-loop success, 95% interval", [(r["mean"], *r["interval"]) for r in rows.values()], 1.0)]
     if errors:
-        panels.append(("action error on the ground-truth future (MSE)", [(e, e, e) for e in errors.values()],
-                       max(errors.values()) * 1.1))
+        panels.append((f"{what} (MSE)", [(e, e, e) for e in errors.values()], max(errors.values()) * 1.1))
     plot(out / f"{name}.png", f"{name}: {claim}", list(rows), panels)
     print(f"written: {out / name}.json, {out / name}.png")
 

@@ -93,14 +93,15 @@ def test_the_tau_v_experiment_runs_end_to_end(base, tmp_path, capsys):
     experiments.main(["tau_v", "--base", str(base), "--out", str(tmp_path), "--windows", "32", "--tau_vs", "0.02,1",
                       "--steps", "3"])
     result = json.loads((tmp_path / "tau_v.json").read_text())
-    assert list(result["rows"]) == list(result["ground_truth_action_error"]) == ["tau_v = 0.02 (~0)", "tau_v = 1"]
-    assert all(e > 0 for e in result["ground_truth_action_error"].values())
+    assert list(result["rows"]) == list(result["action_error"]) == ["tau_v = 0.02 (~0)", "tau_v = 1"]
+    assert all(e > 0 for e in result["action_error"].values())
+    assert result["action_error_of"] == "action error on the ground-truth future"
     point = json.loads((tmp_path / "tau_v-uniform-steps3" / "results.json").read_text())   # --steps names the point
     assert point["config"]["action"]["tau_v"] == "uniform" and point["config"]["action"]["cache"] == 2
     assert point["config"]["action"]["steps"] == 3 != json.loads((base / "results.json").read_text())["config"][
         "action"]["steps"]
     assert Image.open(tmp_path / "tau_v.png").size[0] == 760
-    assert "action error on the true future" in capsys.readouterr().out
+    assert "action error on the ground-truth future" in capsys.readouterr().out
 
 
 def test_the_data_efficiency_experiment_runs_end_to_end(base, tmp_path):
@@ -126,7 +127,8 @@ def test_the_layer_and_history_experiments_run_end_to_end(base, tmp_path):
     assert json.loads((tmp_path / "layers2-k0" / "results.json").read_text())["config"]["action"]["k"] == 0
     assert ((tmp_path / "layers2-k0" / "video.safetensors").read_bytes()
             == (base / "video.safetensors").read_bytes()) and not (tmp_path / "layers2").exists()
-    assert set(result["ground_truth_action_error"]) == set(result["rows"])
+    assert set(result["action_error"]) == set(result["rows"])
+    assert result["action_error_of"] == "action error on its own prediction"
     # another depth: a video model of 3 blocks trained for it, a decoder on each block
     experiments.main(["layer", "--base", str(base), "--out", str(tmp_path), "--layers", "3", "--windows", "16"])
     rows = json.loads((tmp_path / "layer.json").read_text())["rows"]
