@@ -30,10 +30,10 @@ trained again.
           steps, on the static-image control: the same DiT trained on the same videos to denoise the current
           (history) frames from the instruction alone, no future (train.py --video.static), its states read on the
           observed frames noised to --tau_v (the stand-in for the paper's VLM-conditioned baseline).
-  layer   The paper: a middle layer k is best, the first and last clearly worse. Here: a video model of --layers
-          blocks (the base's own where it has that many, else stage 1 anew with the base's settings otherwise), and
-          a decoder on each of its blocks with the same budget (the base's stage-2 steps; the base's own decoder
-          for its k); success and the policy's action error on fresh expert episodes per k.
+  layer   The paper: a middle layer k is best, the first and last clearly worse. Here: the base's own video model
+          (--layers 0 or its depth), or one of --layers blocks trained anew with the base's other settings, and a
+          decoder on each of its blocks with the same budget (the base's stage-2 steps; the base's own decoder for
+          its k); success and the policy's action error on fresh expert episodes per k, as it acts.
   history The paper: 5 history frames beat 1. Here: H_o = 1, 2 and 4 history frames (--histories), both stages
           anew for each H_o but the base's own; success of each.
 
@@ -256,20 +256,21 @@ def data_efficiency(args):
 
 def layer(args):
     cfg = base_config(args.base)
-    if args.layers == cfg["video"]["layers"]:   # the base's own video model: no stage 1 anew
+    layers = args.layers or cfg["video"]["layers"]
+    if layers == cfg["video"]["layers"]:   # the base's own video model: no stage 1 anew
         deep, mid, steps = Path(args.base), cfg["action"]["k"], budget(args)
     else:
-        mid, steps = args.layers // 2, {}   # the budget is the deeper model's own configuration
-        deep = train_point(args.base, args.out, f"layers{args.layers}", stage_1=True, **budget(args),
-                           **{"video.layers": args.layers, "action.k": mid})
+        mid, steps = layers // 2, {}   # the budget is the other model's own configuration
+        deep = train_point(args.base, args.out, f"layers{layers}", stage_1=True, **budget(args),
+                           **{"video.layers": layers, "action.k": mid})
     rows, errors, fresh = {}, {}, fresh_episodes(args.out)
-    for k in range(args.layers):
-        name = f"layers{args.layers}-k{k}"
+    for k in range(layers):
+        name = f"layers{layers}-k{k}"
         point = deep if k == mid and not steps else train_point(deep, args.out, name, **steps, **{"action.k": k})
-        rows[f"k = {k} of {args.layers} blocks"] = json.loads((point / "results.json").read_text())
-        errors[f"k = {k} of {args.layers} blocks"] = policy_error(point, fresh, Path(args.out) / f"{name}-error.json",
-                                                                  args.windows)
-    return (rows, f"the paper: a middle layer is best (k = 19 of 28); here {args.layers} blocks",
+        rows[f"k = {k} of {layers} blocks"] = json.loads((point / "results.json").read_text())
+        errors[f"k = {k} of {layers} blocks"] = policy_error(point, fresh, Path(args.out) / f"{name}-error.json",
+                                                             args.windows)
+    return (rows, f"the paper: a middle layer is best (k = 19 of 28); here {layers} blocks",
             ("action error on its own prediction", errors))
 
 
@@ -348,8 +349,8 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=256, help="tau_v: windows of fresh expert episodes per action error")
     p.add_argument("--labelled", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 5, 10, 25, 100],
                    help="data: action-labelled episodes per task of each point, comma-separated")
-    p.add_argument("--layers", type=int, default=8, help="layer: blocks of the video model (the base's: its own model; "
-                   "else one trained for it)")
+    p.add_argument("--layers", type=int, default=0, help="layer: blocks of the video model (0 or the base's depth: the "
+                   "base's own model; else one trained for it, e.g. 8 for a deeper model than the default's 4)")
     p.add_argument("--histories", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 4],
                    help="history: H_o of each point, comma-separated (the base's own H_o is the base run)")
     p.add_argument("--steps", type=int, default=0, help="stage-2 (decoder) steps of every point of the experiment "
@@ -357,6 +358,8 @@ def main(argv=None):
     p.add_argument("--cache", type=int, default=2, help="draws of the decoders' cached video states "
                    "(--action.cache; with tau_v's uniform tau_v each draw has a tau_v of its own; 0: uncached)")
     args = p.parse_args(argv)
+    if args.layers < 0:
+        raise SystemExit(f"--layers must be >= 0 (0: the base's), got {args.layers}")
     if args.steps < 0:
         raise SystemExit(f"--steps must be >= 0 (0: the base's), got {args.steps}")
     if not 0 < args.tau_v <= 1:

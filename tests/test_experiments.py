@@ -120,7 +120,7 @@ def test_the_data_efficiency_experiment_runs_end_to_end(base, tmp_path):
 
 def test_the_layer_and_history_experiments_run_end_to_end(base, tmp_path):
     # the base's depth (2 blocks): its own video model, its own decoder for its k = 1, a new one for k = 0
-    experiments.main(["layer", "--base", str(base), "--out", str(tmp_path), "--layers", "2", "--windows", "16"])
+    experiments.main(["layer", "--base", str(base), "--out", str(tmp_path), "--windows", "16"])   # --layers 0
     result = json.loads((tmp_path / "layer.json").read_text())
     assert list(result["rows"]) == ["k = 0 of 2 blocks", "k = 1 of 2 blocks"]
     assert result["rows"]["k = 1 of 2 blocks"] == json.loads((base / "results.json").read_text())
