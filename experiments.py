@@ -346,7 +346,8 @@ def main(argv=None):
                    "is best near 0.4)")
     p.add_argument("--tau_vs", type=lambda v: [float(t) for t in v.split(",")], default=list(TAU_VS),
                    help="tau_v: the tau_v of each closed-loop point, comma-separated")
-    p.add_argument("--windows", type=int, default=256, help="tau_v: windows of fresh expert episodes per action error")
+    p.add_argument("--windows", type=int, default=256,
+                   help="tau_v, layer: windows of fresh expert episodes per action error")
     p.add_argument("--labelled", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 5, 10, 25, 100],
                    help="data: action-labelled episodes per task of each point, comma-separated")
     p.add_argument("--layers", type=int, default=0, help="layer: blocks of the video model (0 or the base's depth: the "
