@@ -281,6 +281,12 @@ def load_data(cfg, rt):
         episodes, held_out = data.split_by_task(dataset.tasks, cfg.holdout)
         rt.log(f"data: held out {len(held_out)} episodes ({cfg.holdout:.0%} of each task's, its last ones): "
                f"{held_out.tolist()}")
+    made = {"seed": cfg.seed, "episodes_per_task": cfg.world_episodes}
+    if not cfg.data and has_world and any(source.get(k, v) != v for k, v in made.items()):
+        # the built-in world's dataset is reused where it exists, even if another --seed or --world_episodes made it
+        rt.log(f"data: note: {root} was generated with seed {source.get('seed')} and {source.get('episodes_per_task')}"
+               f" demonstrations per task, not this run's {cfg.seed} and {cfg.world_episodes}; it is used as it is "
+               f"(another --world_data generates this run's own)")
     source = source if has_world else None
     labelled = data.first_per_task(dataset.tasks, episodes, cfg.action.episodes) if cfg.action.episodes else episodes
     if cfg.action.episodes:

@@ -71,6 +71,16 @@ def first_batch_loss(stage, video, decoder, cfg, run):
         return train.action_loss(video, decoder, batch, run.spec.history, cfg.action.k)[0].item()
 
 
+def test_a_world_dataset_made_by_another_seed_is_named_when_reused(finished_run, world_data, tmp_path):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        train.main(smoke(tmp_path, world_data, "--seed", "1", "--video.steps", "1", "--action.steps", "1",
+                         "--eval.episodes", "1"))
+    assert f"data: note: {world_data} was generated with seed 0 and 4 demonstrations per task, not this run's 1 and 4" \
+        in stdout.getvalue()
+    assert "data: note" not in finished_run[1]   # the run that generated it
+
+
 def test_smoke_run_trains_both_stages_and_evaluates(finished_run, world_data):
     out, stdout = finished_run
     logged = [line for line in stdout.splitlines() if line.startswith(("video ", "action "))]
