@@ -130,14 +130,18 @@ def as_flags(cfg, prefix=""):
     return flags
 
 
+def write_json(path, obj):
+    """obj as JSON at path, atomically: a killed write leaves no half file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def kept(path, measure):
-    """The JSON at path, measured by measure() and written (atomically: a killed write leaves no half file) the first
-    time, read back afterwards."""
+    """The JSON at path, measured by measure() and written the first time, read back afterwards."""
     path = Path(path)
     if not path.is_file():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(measure(), indent=1))
-        os.replace(tmp, path)
+        write_json(path, measure())
     return json.loads(path.read_text())
 
 
@@ -299,10 +303,7 @@ def report(out, name, rows, claim, errors=None):
         error = f"  {what} {errors[label]:.4f}" if errors else ""
         print(f"  {r['mean']:6.1%} [{r['interval'][0]:.1%}, {r['interval'][1]:.1%}] over {r['episodes']:3d} episodes"
               f"{error}  {label}")
-    tmp = out / f"{name}.json.tmp"
-    tmp.write_text(json.dumps({"claim": claim, "rows": rows, "action_error": errors, "action_error_of": what},
-                              indent=1))
-    os.replace(tmp, out / f"{name}.json")
+    write_json(out / f"{name}.json", {"claim": claim, "rows": rows, "action_error": errors, "action_error_of": what})
     panels = [("closed-loop success, 95% interval", [(r["mean"], *r["interval"]) for r in rows.values()], 1.0)]
     if errors:
         panels.append((f"{what} (MSE)", [(e, e, e) for e in errors.values()], max(errors.values()) * 1.1))
