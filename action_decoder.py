@@ -309,12 +309,15 @@ class ActionDecoder(nn.Module):
         return self.cfg.loss_weight * (v.float() - flow.velocity_target(actions, eps).float()).pow(2).mean(dim=(1, 2))
 
     @torch.no_grad()
-    def sample(self, video_states, tau_v, proprio, steps=10, generator=None):
-        """An action chunk (B, H_a, A): Euler from eps = torch.randn((B, H_a, A), generator) at tau_a = 1 to
-        tau_a = 0, with the video's keys/values computed once and reused at every step."""
+    def sample(self, video_states, tau_v, proprio, steps=10, generator=None, temperature=1.0):
+        """An action chunk (B, H_a, A): Euler from eps = temperature * torch.randn((B, H_a, A), generator) at
+        tau_a = 1 to tau_a = 0, with the video's keys/values computed once and reused at every step.
+
+        temperature 1 is the paper's eps ~ N(0, I); 0 integrates the flow from eps = 0, one deterministic chunk per
+        plan (a departure from the paper: README, "Measured results")."""
         video_kv = self.video_keys_values(video_states)
         cfg = self.cfg
-        eps = torch.randn((video_states.shape[0], cfg.H_a, cfg.action_dim), generator=generator)
+        eps = temperature * torch.randn((video_states.shape[0], cfg.H_a, cfg.action_dim), generator=generator)
         eps = eps.to(device=video_states.device, dtype=self.pos.dtype)
         return flow.euler(functools.partial(self.velocity, video_kv, tau_v, proprio), eps, 1.0, 0.0, steps)
 

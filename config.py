@@ -79,6 +79,8 @@ class EvalStage:
     tau_v: float = arg(1.0, "video flow time to stop at (1: a single pass on noise, no video steps)")
     video_steps: int = arg(10, "Euler steps from 1 to tau_v when tau_v < 1")
     action_steps: int = arg(10, "Euler steps of the action flow")
+    action_temperature: float = arg(1.0, "the action flow starts from eps ~ N(0, T^2 I): 1 the paper's; 0 one "
+                                         "deterministic chunk per plan, from eps = 0 (a departure)")
     gif: bool = arg(True, "write rollouts.gif next to the checkpoints")
 
 

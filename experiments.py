@@ -96,7 +96,7 @@ class OraclePolicy(VAMPolicy):
         states = self.video.video2world_hidden_states(flow.interpolate(x0, eps, tau_v), tau_v, text, x0, self.n_cond,
                                                       self.k)
         actions = self.decoder.sample(states, self.tau_v, self.proprio_norm(proprio).to(self.device),
-                                      self.action_steps, self.generator)
+                                      self.action_steps, self.generator, self.action_temperature)
         return self.action_norm.inverse(actions.float().cpu()).numpy()
 
 # ----------------------------------------------------------------------------- points: train.py runs on the base

@@ -43,7 +43,7 @@ class VAMPolicy:
     """
 
     def __init__(self, video, decoder, run, *, k=None, tau_v=None, video_steps=None, action_steps=None,
-                 stop_after_step=None, seed=0):
+                 action_temperature=None, stop_after_step=None, seed=0):
         self.video, self.decoder, self.run = video.eval(), decoder.eval(), run
         self.spec = data.WindowSpec(**run["window"])
         self.k = run["k"] if k is None else k
@@ -58,6 +58,11 @@ class VAMPolicy:
             self.video_taus = flow.karras_taus(stop_after_step=stop_after_step)
             self.tau_v, self.video_steps = self.video_taus[-1].item(), stop_after_step
         self.action_steps = action_steps or run["action_steps"]
+        # runs written before it was recorded sampled at the paper's temperature 1
+        self.action_temperature = (run.get("action_temperature", 1.0) if action_temperature is None
+                                   else action_temperature)
+        if self.action_temperature < 0:
+            raise ValueError(f"action_temperature must be >= 0, got {self.action_temperature}")
         self.frame_shape = tuple(run["frame_shape"])
         self.proprio_norm, self.action_norm = data.Normalizer(run["proprio_range"]), data.Normalizer(run["action_range"])
         # latent frames of a window and of its context; runs written before the encoders were recorded: the stand-ins
@@ -132,7 +137,7 @@ class VAMPolicy:
         """act_batch on encoded inputs (see plan_encoded), e.g. a pre-encoded dataset's windows."""
         states, _ = self.plan_encoded(context.to(self.device), text.to(self.device))
         actions = self.decoder.sample(states, self.tau_v, self.proprio_norm(self._check_proprio(proprio, len(context)))
-                                      .to(self.device), self.action_steps, self.generator)
+                                      .to(self.device), self.action_steps, self.generator, self.action_temperature)
         return self.action_norm.inverse(actions.float().cpu()).numpy()
 
     def _check_proprio(self, proprio, n):
@@ -176,7 +181,7 @@ def bench(policy, frames, instructions, proprio, repeats=5):
         states, _ = policy.plan(frames, instructions)
         t1 = time.perf_counter()
         p = policy.proprio_norm(torch.as_tensor(np.asarray(proprio), dtype=torch.float32)).to(policy.device)
-        policy.decoder.sample(states, policy.tau_v, p, policy.action_steps, policy.generator)
+        policy.decoder.sample(states, policy.tau_v, p, policy.action_steps, policy.generator, policy.action_temperature)
         t2 = time.perf_counter()
         video_s.append(t1 - t0), action_s.append(t2 - t1)
     return float(np.median(video_s[1:])), float(np.median(action_s[1:]))
@@ -194,14 +199,19 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=None, help="video block whose states the decoder reads (default: "
                    "the one it was trained on; another k is only meaningful for a decoder trained on it)")
     p.add_argument("--action-steps", type=int, default=None, help="Euler steps of the action flow")
+    p.add_argument("--action-temperature", type=float, default=None, help="the action flow starts from eps ~ "
+                   "N(0, T^2 I) (default: the run's; 1 the paper's, 0 from eps = 0)")
     p.add_argument("--replan", type=int, default=None, help="actions executed per chunk before replanning")
+    p.add_argument("--seed", type=int, default=0, help="seed of the policy's noise (train.py's own evaluation uses "
+                   "the run's --seed)")
     p.add_argument("--gif", default=None, help="write a GIF of one rollout per task, with the visual plan")
     p.add_argument("--bench", action="store_true", help="print the latency of one replan and exit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
         policy, meta = VAMPolicy.load(args.out, args.device, tau_v=args.tau_v, k=args.k, video_steps=args.video_steps,
-                                      action_steps=args.action_steps, stop_after_step=args.stop_after_step)
+                                      action_steps=args.action_steps, action_temperature=args.action_temperature,
+                                      stop_after_step=args.stop_after_step, seed=args.seed)
     except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from None
     run = meta["run"]

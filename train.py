@@ -413,6 +413,7 @@ def run_meta(cfg, run_data):
             "latent_frames": run_data.latent_shape[1], "frame_shape": m["frame_shape"],
             "proprio_range": m["proprio_range"], "action_range": m["action_range"], "tau_v": cfg.eval.tau_v,
             "video_steps": cfg.eval.video_steps, "action_steps": cfg.eval.action_steps, "replan": cfg.eval.replan,
+            "action_temperature": cfg.eval.action_temperature,
             "tasks": source["tasks"] if source else None, "world_config": source["config"] if source else None,
             "static": cfg.video.static}
 

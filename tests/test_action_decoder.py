@@ -103,6 +103,10 @@ def test_zero_velocity_at_init_and_not_after_one_step():
     # v = 0 everywhere, so the untrained sampler returns its starting noise untouched
     noise = torch.randn(3, cfg.H_a, cfg.action_dim, generator=torch.Generator().manual_seed(7))
     assert torch.equal(dec.sample(video, tau_v, proprio, generator=torch.Generator().manual_seed(7)), noise)
+    # the temperature scales that starting noise: eps ~ N(0, T^2 I)
+    half = dec.sample(video, tau_v, proprio, generator=torch.Generator().manual_seed(7), temperature=0.5)
+    assert torch.equal(half, 0.5 * noise)
+    assert torch.equal(dec.sample(video, tau_v, proprio, temperature=0.0), torch.zeros_like(noise))
 
     opt = torch.optim.AdamW(dec.parameters(), lr=1e-3)
     loss(dec, video, tau_v, proprio, actions, torch.Generator().manual_seed(1)).backward()
@@ -199,6 +203,14 @@ def test_cached_sampling_matches_recomputed_and_saves_the_projections():
         reference = recomputed()
     torch.testing.assert_close(cached, reference, rtol=0, atol=1e-6)
     assert cached.abs().mean() > 0.1          # a real chunk, not the trivial zero-velocity one
+    # at temperature 0 the chunk is the flow integrated from eps = 0, whatever the generator
+    cold = [dec.sample(video, tau_v, proprio, steps=steps, generator=torch.Generator().manual_seed(s), temperature=0)
+            for s in (5, 6)]
+    with torch.no_grad():
+        from_zero = flow.euler(lambda x, tau: dec(video, tau_v, proprio, x, tau), torch.zeros_like(cached), 1.0, 0.0,
+                               steps)
+    assert torch.equal(cold[0], cold[1]) and not torch.allclose(cold[0], cached)
+    torch.testing.assert_close(cold[0], from_zero, rtol=0, atol=1e-6)
     # what the cache saves: keys and values (2 projections, 2 flops per multiply-add) per block, for steps - 1 steps
     saved = (steps - 1) * cfg.depth * 2 * (2 * B * N * cfg.video_dim * cfg.width)
     assert recomputed_flops.get_total_flops() - cached_flops.get_total_flops() == saved

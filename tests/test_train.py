@@ -134,6 +134,28 @@ def test_policy_returns_chunks_and_runs_exactly_k_plus_1_blocks(finished_run):
     assert calls["blocks"] == 3 * len(policy.video.blocks) + k + 1
 
 
+def test_the_action_temperature_is_the_runs_unless_overridden(finished_run):
+    out, _ = finished_run
+    frames = np.random.default_rng(0).integers(0, 255, (2, 2, 32, 32, 3), dtype=np.uint8)
+    text, proprio = ["pick up the green block"] * 2, np.zeros((2, 3), np.float32)
+    policy, meta = VAMPolicy.load(out, seed=3)
+    assert meta["run"]["action_temperature"] == 1.0 and policy.action_temperature == 1.0    # the smoke preset's
+    old = {key: value for key, value in meta["run"].items() if key != "action_temperature"}
+    # runs written before it was recorded: the paper's temperature
+    assert VAMPolicy(policy.video, policy.decoder, old).action_temperature == 1.0
+    # temperature 0: the decoder integrates from eps = 0 on the same plan (the same seed draws the same video noise)
+    cold, _ = VAMPolicy.load(out, seed=3, action_temperature=0.0)
+    chunk = cold.act_batch(frames, text, proprio)
+    states, _ = policy.plan(frames, text)
+    p = policy.proprio_norm(torch.as_tensor(proprio))
+    with torch.no_grad():
+        from_zero = flow.euler(lambda x, tau: policy.decoder(states, 1.0, p, x, tau),
+                               torch.zeros(2, policy.decoder.cfg.H_a, 3), 1.0, 0.0, policy.action_steps)
+    np.testing.assert_allclose(chunk, policy.action_norm.inverse(from_zero).numpy(), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="action_temperature must be >= 0, got -1"):
+        VAMPolicy.load(out, action_temperature=-1.0)
+
+
 def test_policy_checks_its_inputs_against_what_the_run_was_trained_on(finished_run):
     policy, _ = VAMPolicy.load(finished_run[0])
     H_o = policy.spec.history
