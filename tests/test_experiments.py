@@ -105,16 +105,19 @@ def test_the_tau_v_experiment_runs_end_to_end(base, tmp_path, capsys):
 
 
 def test_the_data_efficiency_experiment_runs_end_to_end(base, tmp_path):
-    experiments.main(["data", "--base", str(base), "--out", str(tmp_path), "--labelled", "1,3"])
+    experiments.main(["data", "--base", str(base), "--out", str(tmp_path), "--labelled", "1,3,4"])
     result = json.loads((tmp_path / "data.json").read_text())
-    assert list(result["rows"]) == ["1 per task: video model", "1 per task: static image", "3 per task: video model",
-                                    "3 per task: static image"]
-    for n, static in ((1, "static-episodes1"), (3, "static")):
-        video = json.loads((tmp_path / f"episodes{n}" / "results.json").read_text())["config"]
+    assert list(result["rows"]) == [f"{n} per task: {c}" for n in (1, 3, 4) for c in ("video model", "static image")]
+    for n, static in ((1, "static-episodes1"), (3, "static-episodes3"), (4, "static")):
         control = json.loads((tmp_path / static / "results.json").read_text())["config"]
-        assert video["action"]["episodes"] == control["action"]["episodes"] == n
-        assert not video["video"]["static"] and control["video"]["static"]
-        assert control["action"]["steps"] == video["action"]["steps"]   # the same budget
+        assert control["action"]["episodes"] == n and control["video"]["static"]
+        if n < 4:
+            video = json.loads((tmp_path / f"episodes{n}" / "results.json").read_text())["config"]
+            assert video["action"]["episodes"] == n and not video["video"]["static"]
+            assert control["action"]["steps"] == video["action"]["steps"]   # the same budget
+    # all 4 demonstrations per task labelled: the base run itself, not a decoder trained again
+    assert result["rows"]["4 per task: video model"] == json.loads((base / "results.json").read_text())
+    assert not (tmp_path / "episodes4").exists()
     assert (tmp_path / "data.png").is_file()
 
 
