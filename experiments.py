@@ -26,8 +26,8 @@ trained again.
           of their recorded future noised to tau_v.
   data    The paper: the video-conditioned decoder needs a fraction of the action data. Here: decoders trained
           for the base's stage-2 steps on the first 1, 2, 5, 10, 25, 100 episodes of each task (--action.episodes;
-          the video model saw every episode's video; a size equal to the base's demonstrations per task is the base
-          run itself), their closed-loop success; against the same decoders, same
+          the video model saw every episode's video; a size equal to the base's demonstrations per task, with the
+          base's --cache, is the base run itself), their closed-loop success; against the same decoders, same
           steps, on the static-image control: the same DiT trained on the same videos to denoise the current
           (history) frames from the instruction alone, no future (train.py --video.static), its states read on the
           observed frames noised to --tau_v (the stand-in for the paper's VLM-conditioned baseline).
@@ -249,8 +249,9 @@ def data_efficiency(args):
                             "action.cache": args.cache, "action.episodes": most})
     rows = {}
     for n in args.labelled:
-        if n == cfg["world_episodes"] and not cfg["action"]["episodes"] and not args.steps:
-            video = Path(args.base)   # every episode labelled, the base's budget: the base run itself
+        if (n == cfg["world_episodes"] and not cfg["action"]["episodes"] and not args.steps
+                and cfg["action"]["cache"] == args.cache):
+            video = Path(args.base)   # every episode labelled, the base's budget and cache: the base run itself
         else:
             video = train_point(args.base, args.out, f"episodes{n}", **budget(args),
                                 **{"action.episodes": n, "action.cache": args.cache})

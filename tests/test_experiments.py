@@ -121,6 +121,12 @@ def test_the_data_efficiency_experiment_runs_end_to_end(base, tmp_path):
     assert (tmp_path / "data.png").is_file()
 
 
+def test_the_data_experiment_trains_the_full_data_point_anew_when_its_cache_is_not_the_bases(base, tmp_path):
+    experiments.main(["data", "--base", str(base), "--out", str(tmp_path), "--labelled", "4", "--cache", "1"])
+    video = json.loads((tmp_path / "episodes4" / "results.json").read_text())["config"]["action"]
+    assert video["cache"] == 1 and video["episodes"] == 4
+
+
 def test_the_layer_and_history_experiments_run_end_to_end(base, tmp_path):
     # the base's depth (2 blocks): its own video model, its own decoder for its k = 1, a new one for k = 0
     experiments.main(["layer", "--base", str(base), "--out", str(tmp_path), "--windows", "16"])   # --layers 0
