@@ -26,11 +26,11 @@ trained again.
           of their recorded future noised to tau_v.
   data    The paper: the video-conditioned decoder needs a fraction of the action data. Here: decoders trained
           for the base's stage-2 steps on the first 1, 2, 5, 10, 25, 100 episodes of each task (--action.episodes;
-          the video model saw every episode's video; a size equal to the base's demonstrations per task, with the
-          base's --cache, is the base run itself), their closed-loop success; against the same decoders, same
-          steps, on the static-image control: the same DiT trained on the same videos to denoise the current
-          (history) frames from the instruction alone, no future (train.py --video.static), its states read on the
-          observed frames noised to --tau_v (the stand-in for the paper's VLM-conditioned baseline).
+          the video model saw every episode's video) and on all of them (with the base's --cache: the base run
+          itself), their closed-loop success; against the same decoders, same steps, on the static-image control:
+          the same DiT trained on the same videos to denoise the current (history) frames from the instruction
+          alone, no future (train.py --video.static, a run of both stages with every episode labelled), its states
+          read on the observed frames noised to --tau_v (the stand-in for the paper's VLM-conditioned baseline).
   layer   The paper: a middle layer k is best, the first and last clearly worse. Here: the base's own video model
           (--layers 0 or its depth), or one of --layers blocks trained anew with the base's other settings, and a
           decoder on each of its blocks with the same budget (the base's stage-2 steps; the base's own decoder for
@@ -153,7 +153,9 @@ def train_point(base, out, name, stage_1=False, **overrides):
     if "action.steps" in overrides:
         name = f"{name}-steps{overrides['action.steps']}"
     cfg, point = base_config(base), Path(out) / name
-    if not (point / "results.json").is_file():
+    if (point / "results.json").is_file():
+        check_finished(point, overrides)
+    else:
         point.mkdir(parents=True, exist_ok=True)
         if not stage_1 and not (point / "video.safetensors").is_file():
             shutil.copyfile(Path(base) / "video.safetensors", point / "video.safetensors")
@@ -162,6 +164,23 @@ def train_point(base, out, name, stage_1=False, **overrides):
         print(f"[{name}] train.py {' '.join(f'{k} {v}' for k, v in flags.items() if k[2:] in overrides)}", flush=True)
         train.main([*sum(flags.items(), ()), "--resume"])
     return point
+
+
+def check_finished(point, overrides):
+    """A finished point is reused only if it was trained with the overrides asked for now (a point is named by
+    what varies across an experiment, not by every flag: the static control's --tau_v, say)."""
+    done = json.loads((Path(point) / "results.json").read_text())["config"]
+    for key, value in overrides.items():
+        stored = done
+        for part in key.split("."):
+            stored = stored[part]
+        try:
+            same = float(value) == float(stored)
+        except (TypeError, ValueError):
+            same = str(value) == str(stored)
+        if not same:
+            raise SystemExit(f"{point} was trained with --{key} {stored}, this experiment asks for {value}: delete "
+                             f"that folder to train it anew, or give another --out")
 
 
 def evaluated(point, name, load, episodes):
@@ -243,20 +262,25 @@ def tau_v(args):
 
 
 def data_efficiency(args):
-    cfg, most = base_config(args.base), max(args.labelled)
+    cfg = base_config(args.base)
+    every = cfg["world_episodes"]   # demonstrations per task: all of them labelled is the curve's last point
+    if not all(0 < n <= every for n in args.labelled):
+        raise SystemExit(f"--labelled: each size must lie in 1..{every} (the base's demonstrations per task), got "
+                         f"{args.labelled}")
+    # the control's mirror of the base run: both stages, every episode labelled; its video model serves every size
     static = train_point(args.base, args.out, "static", stage_1=True, **budget(args),
                          **{"video.static": True, "action.tau_v": args.tau_v, "eval.tau_v": args.tau_v,
-                            "action.cache": args.cache, "action.episodes": most})
+                            "action.cache": args.cache, "action.episodes": 0})
     rows = {}
-    for n in args.labelled:
+    for n in sorted(set(args.labelled) | {every}):
         if (n == cfg["world_episodes"] and not cfg["action"]["episodes"] and not args.steps
                 and cfg["action"]["cache"] == args.cache):
             video = Path(args.base)   # every episode labelled, the base's budget and cache: the base run itself
         else:
             video = train_point(args.base, args.out, f"episodes{n}", **budget(args),
                                 **{"action.episodes": n, "action.cache": args.cache})
-        control = static if n == most else train_point(static, args.out, f"static-episodes{n}",
-                                                       **{"action.episodes": n})
+        control = static if n == every else train_point(static, args.out, f"static-episodes{n}",
+                                                        **{"action.episodes": n})
         rows[f"{n} per task: video model"] = json.loads((video / "results.json").read_text())
         rows[f"{n} per task: static image"] = json.loads((control / "results.json").read_text())
     return rows, ("the paper: the video-conditioned decoder needs a fraction of the action data of an image-"
@@ -355,7 +379,8 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=256,
                    help="tau_v, layer: windows of fresh expert episodes per action error")
     p.add_argument("--labelled", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 5, 10, 25, 100],
-                   help="data: action-labelled episodes per task of each point, comma-separated")
+                   help="data: action-labelled episodes per task of each point, comma-separated (the base's "
+                   "own size, every episode labelled, is always added)")
     p.add_argument("--layers", type=int, default=0, help="layer: blocks of the video model (0 or the base's depth: the "
                    "base's own model; else one trained for it, e.g. 8 for a deeper model than the default's 4)")
     p.add_argument("--histories", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 4],

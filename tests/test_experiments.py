@@ -105,12 +105,13 @@ def test_the_tau_v_experiment_runs_end_to_end(base, tmp_path, capsys):
 
 
 def test_the_data_efficiency_experiment_runs_end_to_end(base, tmp_path):
-    experiments.main(["data", "--base", str(base), "--out", str(tmp_path), "--labelled", "1,3,4"])
+    experiments.main(["data", "--base", str(base), "--out", str(tmp_path), "--labelled", "1,3"])
     result = json.loads((tmp_path / "data.json").read_text())
+    # the base's own size (4 per task, all labelled) is always the last point
     assert list(result["rows"]) == [f"{n} per task: {c}" for n in (1, 3, 4) for c in ("video model", "static image")]
     for n, static in ((1, "static-episodes1"), (3, "static-episodes3"), (4, "static")):
         control = json.loads((tmp_path / static / "results.json").read_text())["config"]
-        assert control["action"]["episodes"] == n and control["video"]["static"]
+        assert control["action"]["episodes"] == (n if n < 4 else 0) and control["video"]["static"]
         if n < 4:
             video = json.loads((tmp_path / f"episodes{n}" / "results.json").read_text())["config"]
             assert video["action"]["episodes"] == n and not video["video"]["static"]
@@ -119,6 +120,19 @@ def test_the_data_efficiency_experiment_runs_end_to_end(base, tmp_path):
     assert result["rows"]["4 per task: video model"] == json.loads((base / "results.json").read_text())
     assert not (tmp_path / "episodes4").exists()
     assert (tmp_path / "data.png").is_file()
+    # another set of sizes reuses the control's run (its video model and its all-labelled decoder)
+    mtime = (tmp_path / "static" / "action.safetensors").stat().st_mtime
+    experiments.main(["data", "--base", str(base), "--out", str(tmp_path), "--labelled", "2"])
+    assert list(json.loads((tmp_path / "data.json").read_text())["rows"]) == [
+        f"{n} per task: {c}" for n in (2, 4) for c in ("video model", "static image")]
+    assert (tmp_path / "static" / "action.safetensors").stat().st_mtime == mtime
+    assert ((tmp_path / "static-episodes2" / "video.safetensors").read_bytes()
+            == (tmp_path / "static" / "video.safetensors").read_bytes())
+    # a finished point trained with other flags than asked now is refused, not silently reused
+    with pytest.raises(SystemExit, match=r"static was trained with --action.tau_v 0.4, this experiment asks for 0.6"):
+        experiments.main(["data", "--base", str(base), "--out", str(tmp_path), "--labelled", "2", "--tau_v", "0.6"])
+    with pytest.raises(SystemExit, match=r"--labelled: each size must lie in 1..4"):
+        experiments.main(["data", "--base", str(base), "--out", str(tmp_path), "--labelled", "2,5"])
 
 
 def test_the_data_experiment_trains_the_full_data_point_anew_when_its_cache_is_not_the_bases(base, tmp_path):
