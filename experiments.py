@@ -273,7 +273,7 @@ def data_efficiency(args):
                             "action.cache": args.cache, "action.episodes": 0})
     rows = {}
     for n in sorted(set(args.labelled) | {every}):
-        if (n == cfg["world_episodes"] and not cfg["action"]["episodes"] and not args.steps
+        if (n == every and not cfg["action"]["episodes"] and not args.steps
                 and cfg["action"]["cache"] == args.cache):
             video = Path(args.base)   # every episode labelled, the base's budget and cache: the base run itself
         else:
