@@ -169,7 +169,7 @@ def train_point(base, out, name, stage_1=False, **overrides):
 def check_finished(point, overrides):
     """A finished point is reused only if it was trained with the overrides asked for now (a point is named by
     what varies across an experiment, not by every flag: the static control's --tau_v, say)."""
-    done = json.loads((Path(point) / "results.json").read_text())["config"]
+    done = base_config(point)   # a setting added after the point was trained takes its plain default
     for key, value in overrides.items():
         stored = done
         for part in key.split("."):
